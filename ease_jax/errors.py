@@ -1,0 +1,21 @@
+"""User-facing errors: a mistake in a user's config, data or paths, not a bug."""
+
+
+class UserError(Exception):
+  """An error the user can fix; command-line tools print it without a traceback."""
+
+
+class DataError(UserError):
+  """A bad record or data file: the message names the file, the line and the field."""
+
+  def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+               field: str | None = None):
+    where = ":".join(str(p) for p in (path, line) if p is not None)
+    prefix = f"{where}: " if where else ""
+    suffix = f" (field '{field}')" if field else ""
+    super().__init__(f"{prefix}{message}{suffix}")
+    self.path, self.line, self.field = path, line, field
+
+
+class ConfigError(UserError):
+  """A bad config key, type or value; the message names the key and what is allowed."""
