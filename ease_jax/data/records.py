@@ -1,0 +1,345 @@
+"""The Record, adapters from public formats, validation, and file readers.
+
+Every bad row raises ``DataError`` naming the file, the line (JSONL, 1-based) or row
+(JSON array / Parquet / `datasets`, 0-based index) and the field. With
+``on_bad_record: skip`` the row is counted in a ``BadRecords`` and left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ease_jax.batch import OBJECTIVES
+from ease_jax.config import SourceConfig
+from ease_jax.errors import DataError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Record:
+  """One training example: the conversation up to the assistant turn and its target."""
+  messages: tuple[tuple[str, str], ...]  # (role, content) up to the supervised assistant turn
+  response: str
+  target_type: str  # one of OBJECTIVES
+  reasoning: str | None = None
+  source: str = ""
+  category: str = ""
+  id: str = ""
+  where: str = ""  # "file:line" or "file: row N", for error messages
+
+  @property
+  def prompt(self) -> str:
+    """The last user message."""
+    return next((c for r, c in reversed(self.messages) if r == "user"), "")
+
+
+@dataclass
+class BadRecords:
+  """Counts rows skipped under `on_bad_record: skip` and keeps the first few reasons."""
+  count: int = 0
+  reasons: list[str] = field(default_factory=list)
+  keep: int = 5
+
+  def add(self, error: DataError) -> None:
+    self.count += 1
+    if len(self.reasons) < self.keep:
+      self.reasons.append(str(error))
+
+
+# ---------------------------------------------------------------- field helpers
+
+def _str(row: dict, key: str, *, required: bool = True, empty_ok: bool = False) -> str | None:
+  """A string field, stripped; raises DataError(field=key) when missing, mistyped or empty."""
+  value = row.get(key)
+  if value is None:
+    if required:
+      raise DataError("missing required field", field=key)
+    return None
+  if not isinstance(value, str):
+    raise DataError(f"expected a string, got {type(value).__name__}", field=key)
+  value = value.strip()
+  if not value and not empty_ok:
+    if required:
+      raise DataError("is empty", field=key)
+    return None
+  return value
+
+
+def split_think(text: str, key: str = "response") -> tuple[str | None, str]:
+  """Splits '[<think>]reasoning</think>answer' into (reasoning, answer); no tag -> (None, text)."""
+  if THINK_CLOSE not in text:
+    if THINK_OPEN in text:
+      raise DataError("has '<think>' but no closing '</think>'", field=key)
+    return None, text.strip()
+  head, _, answer = text.partition(THINK_CLOSE)
+  head = head.strip()
+  if head.startswith(THINK_OPEN):
+    head = head[len(THINK_OPEN):]
+  if THINK_OPEN in head or THINK_CLOSE in answer or THINK_OPEN in answer:
+    raise DataError("has more than one think block", field=key)
+  return head.strip() or None, answer.strip()
+
+
+def make_record(messages: list[tuple[str, str]], response: str, target_type: str,
+                reasoning: str | None, **meta: str) -> Record:
+  """Builds a Record and checks the rules of DESIGN.md (raises DataError naming the field)."""
+  if target_type not in OBJECTIVES:
+    raise DataError(f"unknown target_type {target_type!r}; expected one of {', '.join(OBJECTIVES)}",
+                    field="target_type")
+  if not response:
+    raise DataError("is empty", field="response")
+  if target_type == "reasoning" and not reasoning:
+    raise DataError("a 'reasoning' target needs reasoning text ('<think>...</think>' or a "
+                    "'reasoning' field)", field="reasoning")
+  if target_type != "reasoning" and reasoning:
+    raise DataError(f"a '{target_type}' target must not carry reasoning; use target_type "
+                    "'reasoning' or drop the think text", field="reasoning")
+  if not messages or messages[-1][0] != "user":
+    raise DataError("the conversation must end with a user turn before the target",
+                    field="messages")
+  return Record(tuple(messages), response, target_type, reasoning, **meta)
+
+
+# ---------------------------------------------------------------- adapters
+
+def _think_target(row: dict, question_key: str, target: str, **meta: str) -> Record:
+  prompt = _str(row, question_key)
+  reasoning, answer = split_think(_str(row, "response"))
+  return make_record([("user", prompt)], answer, target or "reasoning", reasoning,
+                     category=_str(row, "category", required=False) or "", **meta)
+
+
+def adapt_star(row: dict, target: str, **meta: str) -> Record:
+  """STAR-1 / STAR-41K: `question`, `response` = '<think>...</think>answer', `category`."""
+  return _think_target(row, "question", target, **meta)
+
+
+def adapt_ease10k(row: dict, target: str, **meta: str) -> Record:
+  """EASE 10K release: `original_question`, `response` = 'reasoning</think>answer'."""
+  return _think_target(row, "original_question", target, **meta)
+
+
+_WJ_TYPES = {"vanilla_harmful": "refusal", "vanilla_benign": "direct",
+             "adversarial_harmful": "refusal", "adversarial_benign": "direct"}
+
+
+def adapt_wildjailbreak(row: dict, target: str, **meta: str) -> Record:
+  """WildJailbreak: `vanilla`, `adversarial`, `completion`, `data_type`."""
+  data_type = _str(row, "data_type")
+  if data_type not in _WJ_TYPES:
+    raise DataError(f"unknown data_type {data_type!r}; expected one of {', '.join(_WJ_TYPES)}",
+                    field="data_type")
+  key = "adversarial" if data_type.startswith("adversarial") else "vanilla"
+  prompt = _str(row, key)
+  reasoning, answer = split_think(_str(row, "completion"), "completion")
+  return make_record([("user", prompt)], answer, target or _WJ_TYPES[data_type], reasoning,
+                     category=data_type, **meta)
+
+
+def _target_type(row: dict, target: str) -> str:
+  if target:
+    return target
+  return _str(row, "target_type")
+
+
+def adapt_prompt_response(row: dict, target: str, **meta: str) -> Record:
+  """Plain `prompt`, `response`, `target_type`, optional `reasoning` and `category`."""
+  prompt = _str(row, "prompt")
+  reasoning = _str(row, "reasoning", required=False)
+  response = _str(row, "response")
+  if reasoning is None:
+    reasoning, response = split_think(response)
+  return make_record([("user", prompt)], response, _target_type(row, target), reasoning,
+                     category=_str(row, "category", required=False) or "", **meta)
+
+
+def adapt_messages(row: dict, target: str, **meta: str) -> Record:
+  """Chat `messages` ending with the assistant turn to supervise; `target_type` as above."""
+  msgs = row.get("messages")
+  if not isinstance(msgs, list) or not msgs:
+    raise DataError("expected a non-empty list of {role, content}", field="messages")
+  pairs = []
+  for i, m in enumerate(msgs):
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+      raise DataError(f"message {i} must be {{role: {'|'.join(ROLES)}, content: string}}",
+                      field=f"messages[{i}]")
+    pairs.append((m["role"], m["content"].strip()))
+  if pairs[-1][0] != "assistant":
+    raise DataError("the last message must be the assistant turn to supervise", field="messages")
+  reasoning = _str(msgs[-1], "reasoning_content", required=False)
+  response = pairs[-1][1]
+  if reasoning is None:
+    reasoning, response = split_think(response, f"messages[{len(pairs) - 1}].content")
+  return make_record(pairs[:-1], response, _target_type(row, target), reasoning,
+                     category=_str(row, "category", required=False) or "", **meta)
+
+
+ADAPTERS: dict[str, Callable[..., Record]] = {
+    "star": adapt_star, "ease10k": adapt_ease10k, "wildjailbreak": adapt_wildjailbreak,
+    "prompt_response": adapt_prompt_response, "messages": adapt_messages,
+}
+
+
+# ---------------------------------------------------------------- readers
+
+Row = tuple[str, dict | DataError]  # (location, row or the error that row produced)
+
+
+def _open(path: str):
+  if "://" in path:
+    import fsspec  # gs:// etc. through fsspec (needs gcsfs installed for gs://)
+    return fsspec.open(path, "rb").open()
+  return open(path, "rb")
+
+
+def _exists(path: str) -> bool:
+  if "://" in path:
+    import fsspec
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+  return os.path.exists(path)
+
+
+def _read_jsonl(path: str) -> Iterator[Row]:
+  with _open(path) as f:
+    for n, raw in enumerate(f, start=1):
+      where = f"{path}:{n}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield where, DataError(f"invalid UTF-8 at byte {e.start} of the line", path=path, line=n)
+        continue
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        yield where, DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
+        continue
+      yield where, row if isinstance(row, dict) else DataError(
+          f"expected a JSON object, got {type(row).__name__}", path=path, line=n)
+
+
+def _read_json_array(path: str) -> Iterator[Row]:
+  with _open(path) as f:
+    data = f.read()
+  try:
+    rows = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise DataError(f"invalid UTF-8 at byte {e.start}", path=path) from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from None
+  if not isinstance(rows, list):
+    raise DataError("a .json source must hold an array of objects (or use JSON lines)", path=path)
+  for i, row in enumerate(rows):
+    yield f"{path}: row {i}", row if isinstance(row, dict) else DataError(
+        f"row {i}: expected a JSON object, got {type(row).__name__}", path=path)
+
+
+def _read_table(path: str, fmt: str, split: str) -> Iterator[Row]:
+  """Parquet files and `datasets` sources, read through `datasets`; rows are 0-based."""
+  import datasets
+  try:
+    if fmt == "disk":
+      ds = datasets.load_from_disk(path)
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise DataError(f"split {split!r} not found; available: {', '.join(ds)}", path=path)
+        ds = ds[split]
+    elif fmt == "parquet":
+      ds = datasets.Dataset.from_parquet(path)
+    else:
+      builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+      ext = os.path.splitext(path)[1]
+      ds = (datasets.load_dataset(builder[ext], data_files=path, split=split) if ext in builder
+            else datasets.load_dataset(path, split=split))
+  except DataError:
+    raise
+  except Exception as e:  # library errors on a user's file: report them with the path
+    raise DataError(f"could not read as {fmt}: {type(e).__name__}: {e}", path=path) from None
+  for i, row in enumerate(ds):
+    yield f"{path}: row {i}", row
+
+
+def _format(path: str, fmt: str) -> str:
+  if fmt != "auto":
+    return fmt
+  if os.path.isdir(path):
+    return "disk"
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".parquet":
+    return "parquet"
+  if ext == ".json":  # a .json file may hold an array or JSON lines
+    with _open(path) as f:
+      head = f.read(4096).lstrip()
+    return "json" if head.startswith(b"[") else "jsonl"
+  return "jsonl" if ext in (".jsonl", ".ndjson") else "hf"
+
+
+def read_rows(src: SourceConfig) -> Iterator[Row]:
+  """Yields (location, row) for every row of a source; file-level problems raise DataError."""
+  if src.format != "hf" and not _exists(src.path):
+    raise DataError("file not found (check the source's 'path')", path=src.path)
+  fmt = _format(src.path, src.format)
+  if fmt == "jsonl":
+    return _read_jsonl(src.path)
+  if fmt == "json":
+    return _read_json_array(src.path)
+  return _read_table(src.path, fmt, src.split)
+
+
+def source_name(src: SourceConfig) -> str:
+  """The name shown in stats: `name`, else the file stem."""
+  return src.name or os.path.splitext(os.path.basename(src.path.rstrip("/")))[0]
+
+
+def _located(err: DataError, where: str) -> DataError:
+  if err.path is not None:
+    return err
+  path, _, rest = where.partition(": ") if ": row" in where else where.rpartition(":")[::2] + ("",)
+  msg = str(err).split(" (field '")[0]
+  if ": row" in where:
+    return DataError(f"{rest}: {msg}", path=path, field=err.field)
+  return DataError(msg, path=path, line=int(where.rpartition(":")[2]), field=err.field)
+
+
+def load_records(src: SourceConfig, on_bad_record: str = "error",
+                 bad: BadRecords | None = None) -> list[Record]:
+  """Reads, adapts and validates every row of one source."""
+  adapter = ADAPTERS[src.adapter]
+  name, bad = source_name(src), bad if bad is not None else BadRecords()
+  records = []
+  rows = 0
+  for where, row in read_rows(src):
+    if src.max_rows and rows >= src.max_rows:
+      break
+    rows += 1
+    try:
+      if isinstance(row, DataError):
+        raise row
+      rid = row.get("id")
+      meta = {"source": name, "where": where, "id": "" if rid is None else str(rid)}
+      records.append(adapter(row, src.target_type, **meta))
+    except DataError as e:
+      err = _located(e, where)
+      if on_bad_record != "skip":
+        raise err from None
+      bad.add(err)
+  if rows == 0:
+    raise DataError("no records: the source is empty", path=src.path)
+  if not records:
+    raise DataError(f"every one of its {rows} rows was bad (first: {bad.reasons[0]})",
+                    path=src.path)
+  return records
+
+
+def replace(record: Record, **changes: Any) -> Record:
+  """`dataclasses.replace` for records."""
+  return dataclasses.replace(record, **changes)

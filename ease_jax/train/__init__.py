@@ -1,0 +1,1 @@
+"""Training: the mixed objective (`loss`), the optimizer and the pure train step (`step`)."""
