@@ -102,7 +102,7 @@ def benign_item(rng: random.Random) -> dict:
                    "There is no safety concern, so I should just help."])
   reasoning = " ".join([intro.format(k=f["kind"]), ok, f["work"]])
   return dict(prompt=f["q"], inner=f["r"], reasoning=reasoning, response=f["a"],
-              category=f["category"], cls="benign")
+              category=f["category"], cls="benign", work=f["work"])
 
 
 # ---------------------------------------------------------------- harmful requests
@@ -156,7 +156,7 @@ def adversarial_item(rng: random.Random, harmful: bool = True) -> dict:
     base = benign_item(rng)
     reasoning = " ".join([spot, f"Underneath, the actual request is harmless: {base['inner']}",
                           "Nothing in it is unsafe, so the framing does not matter and I can "
-                          "simply help.", base["reasoning"].split(" ", 3)[-1]])
+                          "simply help.", base["work"]])
     return dict(prompt=_wrap(template, base["inner"]), reasoning=reasoning,
                 response=base["response"], category=base["category"], cls="adversarial_benign",
                 tactic=tactic, vanilla=base["prompt"])
@@ -170,6 +170,10 @@ def adversarial_item(rng: random.Random, harmful: bool = True) -> dict:
   return dict(prompt=_wrap(template, request), reasoning=reasoning,
               response=_refusal(rng, topic, wrapped=True), category=cat,
               cls="adversarial_harmful", tactic=tactic, vanilla=_cap(request))
+
+
+def _adv_benign(rng: random.Random) -> dict:
+  return adversarial_item(rng, harmful=False)
 
 
 # ---------------------------------------------------------------- files
@@ -212,9 +216,8 @@ def _shuffled(rng: random.Random, rows: list) -> list:
 def build_demo_dataset(seed: int = 0) -> dict[str, list[dict]]:
   """All demo files as {file name: rows}; the same seed gives the same rows."""
   rng = random.Random(seed)
-  adv_benign = lambda r: adversarial_item(r, harmful=False)  # noqa: E731
   implant = _shuffled(rng, _unique(harmful_item, rng, 150) + _unique(adversarial_item, rng, 130)
-                      + _unique(benign_item, rng, 100) + _unique(adv_benign, rng, 20))
+                      + _unique(benign_item, rng, 100) + _unique(_adv_benign, rng, 20))
   calib_reasoning = _unique(adversarial_item, rng, 150)
   calib_refusal = _unique(harmful_item, rng, 150)
   calib_direct = _unique(benign_item, rng, 200)
@@ -224,9 +227,10 @@ def build_demo_dataset(seed: int = 0) -> dict[str, list[dict]]:
   for cls, make, target in [("benign", benign_item, "direct"),
                             ("harmful", harmful_item, "refusal"),
                             ("adversarial_harmful", adversarial_item, "reasoning"),
-                            ("adversarial_benign", adv_benign, "reasoning")]:
+                            ("adversarial_benign", _adv_benign, "reasoning")]:
     for it in _unique(make, rng, 10, avoid=train_prompts):
       eval_items.append((cls, it, target))
+  eval_prompts = {it["prompt"] for _, it, _ in eval_items}
   evals = []
   for i, (cls, it, target) in enumerate(eval_items):
     row = _pr("eval", i, it, target)
@@ -241,17 +245,17 @@ def build_demo_dataset(seed: int = 0) -> dict[str, list[dict]]:
     "calib_direct.jsonl": [_pr("calib-direct", i, it, "direct")
                            for i, it in enumerate(calib_direct)],
     "eval.jsonl": evals,
-    "wildjailbreak_sample.jsonl": _wildjailbreak(rng),
-    "ease10k_sample.jsonl": _ease10k(rng),
+    "wildjailbreak_sample.jsonl": _wildjailbreak(rng, avoid=eval_prompts),
+    "ease10k_sample.jsonl": _ease10k(rng, avoid=eval_prompts),
   }
 
 
-def _wildjailbreak(rng: random.Random) -> list[dict]:
+def _wildjailbreak(rng: random.Random, avoid: set[str]) -> list[dict]:
   """Rows in the allenai/wildjailbreak train layout (adversarial is None for vanilla rows)."""
   rows = []
-  for _ in range(5):
-    b, h = benign_item(rng), harmful_item(rng)
-    ab, ah = adversarial_item(rng, harmful=False), adversarial_item(rng)
+  groups = [_unique(benign_item, rng, 5, avoid), _unique(harmful_item, rng, 5, avoid),
+            _unique(_adv_benign, rng, 5, avoid), _unique(adversarial_item, rng, 5, avoid)]
+  for b, h, ab, ah in zip(*groups):
     rows += [
       {"vanilla": b["prompt"], "adversarial": None, "completion": b["response"],
        "data_type": "vanilla_benign"},
@@ -265,10 +269,9 @@ def _wildjailbreak(rng: random.Random) -> list[dict]:
   return rows
 
 
-def _ease10k(rng: random.Random) -> list[dict]:
+def _ease10k(rng: random.Random, avoid: set[str]) -> list[dict]:
   """Rows in the EASE 10K layout: response = reasoning</think>answer, no opening tag."""
-  items = [adversarial_item(rng) for _ in range(16)]
-  items += [adversarial_item(rng, harmful=False) for _ in range(4)]
+  items = _unique(adversarial_item, rng, 16, avoid) + _unique(_adv_benign, rng, 4, avoid)
   return [{"original_question": it["prompt"],
            "response": f"{it['reasoning']}\n</think>\n\n{it['response']}"} for it in items]
 

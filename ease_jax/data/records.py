@@ -189,12 +189,32 @@ ADAPTERS: dict[str, Callable[..., Record]] = {
 
 # ---------------------------------------------------------------- readers
 
-Row = tuple[str, dict | DataError]  # (location, row or the error that row produced)
+@dataclass(frozen=True)
+class Loc:
+  """Where a row came from: a 1-based line (JSONL) or a 0-based row index (arrays, tables)."""
+  path: str
+  line: int | None = None
+  row: int | None = None
+
+  def __str__(self) -> str:
+    return f"{self.path}:{self.line}" if self.line is not None else f"{self.path}: row {self.row}"
+
+  def error(self, err: DataError) -> DataError:
+    """`err` (raised without a location) re-raised with this location."""
+    if err.path is not None:
+      return err
+    msg = str(err).removesuffix(f" (field '{err.field}')" if err.field else "")
+    if self.line is None:
+      msg = f"row {self.row}: {msg}"
+    return DataError(msg, path=self.path, line=self.line, field=err.field)
+
+
+Row = tuple[Loc, "dict | DataError"]  # a row, or the error reading that row produced
 
 
 def _open(path: str):
   if "://" in path:
-    import fsspec  # gs:// etc. through fsspec (needs gcsfs installed for gs://)
+    import fsspec  # gs:// etc. through fsspec (gs:// needs gcsfs installed)
     return fsspec.open(path, "rb").open()
   return open(path, "rb")
 
@@ -210,21 +230,21 @@ def _exists(path: str) -> bool:
 def _read_jsonl(path: str) -> Iterator[Row]:
   with _open(path) as f:
     for n, raw in enumerate(f, start=1):
-      where = f"{path}:{n}"
+      loc = Loc(path, line=n)
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        yield where, DataError(f"invalid UTF-8 at byte {e.start} of the line", path=path, line=n)
+        yield loc, DataError(f"invalid UTF-8 at byte {e.start} of the line")
         continue
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        yield where, DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
+        yield loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})")
         continue
-      yield where, row if isinstance(row, dict) else DataError(
-          f"expected a JSON object, got {type(row).__name__}", path=path, line=n)
+      yield loc, row if isinstance(row, dict) else DataError(
+          f"expected a JSON object, got {type(row).__name__}")
 
 
 def _read_json_array(path: str) -> Iterator[Row]:
@@ -235,16 +255,17 @@ def _read_json_array(path: str) -> Iterator[Row]:
   except UnicodeDecodeError as e:
     raise DataError(f"invalid UTF-8 at byte {e.start}", path=path) from None
   except json.JSONDecodeError as e:
-    raise DataError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from None
+    raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path,
+                    line=e.lineno) from None
   if not isinstance(rows, list):
-    raise DataError("a .json source must hold an array of objects (or use JSON lines)", path=path)
+    raise DataError("a .json source must hold an array of objects (or JSON lines)", path=path)
   for i, row in enumerate(rows):
-    yield f"{path}: row {i}", row if isinstance(row, dict) else DataError(
-        f"row {i}: expected a JSON object, got {type(row).__name__}", path=path)
+    yield Loc(path, row=i), row if isinstance(row, dict) else DataError(
+        f"expected a JSON object, got {type(row).__name__}")
 
 
 def _read_table(path: str, fmt: str, split: str) -> Iterator[Row]:
-  """Parquet files and `datasets` sources, read through `datasets`; rows are 0-based."""
+  """Parquet files and `datasets` sources, read through `datasets`."""
   import datasets
   try:
     if fmt == "disk":
@@ -257,21 +278,21 @@ def _read_table(path: str, fmt: str, split: str) -> Iterator[Row]:
       ds = datasets.Dataset.from_parquet(path)
     else:
       builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-      ext = os.path.splitext(path)[1]
+      ext = os.path.splitext(path)[1].lower()
       ds = (datasets.load_dataset(builder[ext], data_files=path, split=split) if ext in builder
             else datasets.load_dataset(path, split=split))
   except DataError:
     raise
-  except Exception as e:  # library errors on a user's file: report them with the path
+  except Exception as e:  # a library error on a user's file: report it with the path
     raise DataError(f"could not read as {fmt}: {type(e).__name__}: {e}", path=path) from None
   for i, row in enumerate(ds):
-    yield f"{path}: row {i}", row
+    yield Loc(path, row=i), row
 
 
 def _format(path: str, fmt: str) -> str:
   if fmt != "auto":
     return fmt
-  if os.path.isdir(path):
+  if "://" not in path and os.path.isdir(path):
     return "disk"
   ext = os.path.splitext(path)[1].lower()
   if ext == ".parquet":
@@ -285,7 +306,7 @@ def _format(path: str, fmt: str) -> str:
 
 def read_rows(src: SourceConfig) -> Iterator[Row]:
   """Yields (location, row) for every row of a source; file-level problems raise DataError."""
-  if src.format != "hf" and not _exists(src.path):
+  if src.format != "hf" and not _exists(src.path):  # `format: hf` for `datasets` hub names
     raise DataError("file not found (check the source's 'path')", path=src.path)
   fmt = _format(src.path, src.format)
   if fmt == "jsonl":
@@ -300,24 +321,13 @@ def source_name(src: SourceConfig) -> str:
   return src.name or os.path.splitext(os.path.basename(src.path.rstrip("/")))[0]
 
 
-def _located(err: DataError, where: str) -> DataError:
-  if err.path is not None:
-    return err
-  path, _, rest = where.partition(": ") if ": row" in where else where.rpartition(":")[::2] + ("",)
-  msg = str(err).split(" (field '")[0]
-  if ": row" in where:
-    return DataError(f"{rest}: {msg}", path=path, field=err.field)
-  return DataError(msg, path=path, line=int(where.rpartition(":")[2]), field=err.field)
-
-
 def load_records(src: SourceConfig, on_bad_record: str = "error",
                  bad: BadRecords | None = None) -> list[Record]:
   """Reads, adapts and validates every row of one source."""
   adapter = ADAPTERS[src.adapter]
   name, bad = source_name(src), bad if bad is not None else BadRecords()
-  records = []
-  rows = 0
-  for where, row in read_rows(src):
+  records, rows = [], 0
+  for loc, row in read_rows(src):
     if src.max_rows and rows >= src.max_rows:
       break
     rows += 1
@@ -325,17 +335,16 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
       if isinstance(row, DataError):
         raise row
       rid = row.get("id")
-      meta = {"source": name, "where": where, "id": "" if rid is None else str(rid)}
+      meta = {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)}
       records.append(adapter(row, src.target_type, **meta))
     except DataError as e:
-      err = _located(e, where)
       if on_bad_record != "skip":
-        raise err from None
-      bad.add(err)
+        raise loc.error(e) from None
+      bad.add(loc.error(e))
   if rows == 0:
     raise DataError("no records: the source is empty", path=src.path)
   if not records:
-    raise DataError(f"every one of its {rows} rows was bad (first: {bad.reasons[0]})",
+    raise DataError(f"every one of its {rows} rows is bad; the first: {bad.reasons[0]}",
                     path=src.path)
   return records
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from ease_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, dtype_of, param
 from ease_jax.models.layers import rope_inv_freq
+from ease_jax.sharding import constrain
 
 
 @dataclass(frozen=True)
@@ -142,5 +143,6 @@ class Decoder(nnx.Module):
     run = _run_block_remat if self.cfg.remat else _run_block
     x_BxTxD = self.embed_tokens(tokens_BxT)
     for block in self.layers:
+      x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
       x_BxTxD = run(block, x_BxTxD, positions, mask_Bx1xTxT, inv_freq)
-    return self.logits(x_BxTxD)
+    return constrain(self.logits(x_BxTxD), ("batch", None, "vocab"))

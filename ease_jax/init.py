@@ -1,0 +1,92 @@
+"""Where a run's tokenizer and initial weights come from (`model.init_from`).
+
+  hf:PATH                 a local Hugging Face directory (config.json + safetensors)
+  ckpt:RUN_DIR[@STEP]     the parameters of another run's checkpoint (phase 2 from
+                          phase 1); its optimizer and data state are not used
+  scratch:PRESET          random weights in a preset shape (ease_jax.models.PRESETS)
+
+The tokenizer gets `<think>`/`</think>` if it lacks them, and the embedding grows
+to cover every token id (it never shrinks: padding rows are reused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flax import nnx
+from jax.sharding import Mesh
+from transformers import PreTrainedTokenizerBase
+
+from ease_jax import checkpoint, hf, sharding
+from ease_jax.config import Config
+from ease_jax.errors import ConfigError
+from ease_jax.models import Decoder, DecoderConfig, get_preset
+from ease_jax.tokenizer import demo_tokenizer_path, ensure_think_tokens, load_tokenizer
+
+KINDS = ("hf", "ckpt", "scratch")
+TOKENIZER_DIR = "tokenizer"  # under RUN_DIR: the tokenizer the run trained with
+
+
+def parse_init_from(spec: str) -> tuple[str, str]:
+  """'kind:value' -> (kind, value), or a ConfigError naming the allowed forms."""
+  kind, sep, value = spec.partition(":")
+  if not sep or kind not in KINDS or not value:
+    raise ConfigError(f"model.init_from: {spec!r} is not allowed; use hf:PATH, "
+                      f"ckpt:RUN_DIR[@STEP] or scratch:PRESET")
+  return kind, value
+
+
+def tokenizer_path(cfg: Config) -> str:
+  """data.tokenizer if set, else the model's own: the HF dir, phase 1's, or the demo one."""
+  if cfg.data.tokenizer:
+    return cfg.data.tokenizer
+  kind, value = parse_init_from(cfg.model.init_from)
+  if kind == "hf":
+    return value
+  if kind == "ckpt":
+    return str(checkpoint.parse_ckpt_spec(value)[0] / TOKENIZER_DIR)
+  return demo_tokenizer_path()
+
+
+def load_run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+  """The run's tokenizer, with the think tokens added when missing."""
+  tokenizer = load_tokenizer(tokenizer_path(cfg))
+  ensure_think_tokens(tokenizer)
+  return tokenizer
+
+
+def _numerics(cfg: Config) -> dict:
+  m = cfg.model
+  return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
+              remat=m.remat)
+
+
+def _from_ckpt(cfg: Config, spec: str, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:
+  """Builds the model abstractly, then restores only its parameters, already sharded."""
+  run_dir, step = checkpoint.parse_ckpt_spec(spec)
+  model_cfg, step = checkpoint.read_model_config(run_dir, step)
+  model_cfg = model_cfg.replace(**_numerics(cfg))
+  model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  target = sharding.param_shardings(mesh, params)
+  target = checkpoint.abstract_with_shardings(params, target)
+  params = checkpoint.restore_params(run_dir, step, target)
+  return nnx.merge(graphdef, params, rest), model_cfg
+
+
+def init_model(cfg: Config, vocab_size: int, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:
+  """The initial model per `model.init_from`, covering `vocab_size` ids, sharded on `mesh`."""
+  kind, value = parse_init_from(cfg.model.init_from)
+  if kind == "ckpt":
+    model, model_cfg = _from_ckpt(cfg, value, mesh)
+  elif kind == "hf":
+    model, model_cfg = hf.load_pretrained(Path(value), **_numerics(cfg))
+  else:
+    try:
+      model_cfg = get_preset(value).replace(**_numerics(cfg))
+    except ValueError as e:
+      raise ConfigError(f"model.init_from: {e}") from None
+    model = Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+  if vocab_size > model_cfg.vocab_size:
+    model, model_cfg = hf.resize_vocab(model, model_cfg, vocab_size, seed=cfg.train.seed)
+  return sharding.shard_model(model, mesh), model_cfg
