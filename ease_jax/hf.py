@@ -49,11 +49,16 @@ def config_from_hf(hf: dict, **overrides: Any) -> DecoderConfig:
   if family is None:
     raise UserError(f"config.json: unsupported architecture {archs or hf.get('model_type')!r}; "
                     f"supported: {', '.join(ARCHITECTURES)}")
+  unsupported = {"hidden_act": hf.get("hidden_act", "silu") not in ("silu", "swish"),
+                 "mlp_bias": bool(hf.get("mlp_bias")),
+                 "use_sliding_window": bool(hf.get("use_sliding_window")),
+                 "attention_bias": family != "qwen2" and bool(hf.get("attention_bias"))}
+  for key, bad in unsupported.items():
+    if bad:
+      raise UserError(f"config.json: {key}={hf.get(key)!r} is not supported by ease-jax's decoder")
   theta, scaling = _rope_from_hf(hf)
   heads = hf["num_attention_heads"]
-  qkv_bias = family == "qwen2" or bool(hf.get("attention_bias", False))
-  if family == "qwen2" and hf.get("attention_bias") is False:
-    qkv_bias = False
+  qkv_bias = family == "qwen2"  # Qwen2 always has q/k/v bias (and no o_proj bias)
   return DecoderConfig(
       family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],

@@ -1,0 +1,30 @@
+"""Shared test helpers: fake-device subprocesses and tiny HF reference models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_with_devices(code: str, n: int = 8, timeout: int = 600, env: dict | None = None) -> str:
+  """Runs `code` in a fresh Python with `n` fake CPU devices; returns stdout, raises on failure."""
+  full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                  JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, timeout=timeout, env=full_env, cwd=REPO)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc.stdout
+
+
+@pytest.fixture
+def fake_devices():
+  """The `run_with_devices` helper, as a fixture."""
+  return run_with_devices

@@ -1,0 +1,104 @@
+"""The decoder: packing, sharding, remat and dtype options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ease_jax.models import Decoder, DecoderConfig, get_preset
+
+CFG = DecoderConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
+                    num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True)
+
+
+def _tokens(shape, seed=0, vocab=CFG.vocab_size):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+def test_call_contract():
+  model = Decoder(CFG, rngs=nnx.Rngs(0))
+  logits = model(_tokens((3, 11)))
+  assert logits.shape == (3, 11, CFG.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_packed_documents_equal_separate_runs():
+  """Two documents in one row with segment ids and restarting positions = each run alone."""
+  model = Decoder(CFG.replace(family="qwen3", qk_norm=True), rngs=nnx.Rngs(1))
+  doc_a, doc_b = _tokens((1, 7), seed=1), _tokens((1, 5), seed=2)
+  pad = jnp.zeros((1, 4), jnp.int32)
+  packed = jnp.concatenate([doc_a, doc_b, pad], axis=1)
+  segments = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 4], jnp.int32)
+  positions = jnp.asarray([list(range(7)) + list(range(5)) + [0] * 4], jnp.int32)
+  out = model(packed, positions=positions, segment_ids=segments)
+  np.testing.assert_allclose(out[0, :7], model(doc_a)[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 7:12], model(doc_b)[0], atol=1e-5)
+  assert np.all(np.isfinite(np.asarray(out)))  # padding rows attend only to padding
+
+
+def test_future_tokens_do_not_leak():
+  model = Decoder(CFG, rngs=nnx.Rngs(0))
+  a = _tokens((1, 10), seed=3)
+  b = a.at[0, 6:].set((a[0, 6:] + 1) % CFG.vocab_size)
+  np.testing.assert_allclose(model(a)[0, :6], model(b)[0, :6], atol=1e-6)
+  assert np.abs(np.asarray(model(a)[0, 6:] - model(b)[0, 6:])).max() > 1e-4
+
+
+def test_remat_gives_same_values_and_grads():
+  tokens = _tokens((2, 9))
+
+  def loss_and_grad(remat):
+    model = Decoder(CFG.replace(remat=remat), rngs=nnx.Rngs(0))
+    return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+  (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = Decoder(CFG.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  ref = Decoder(CFG, rngs=nnx.Rngs(0))
+  tokens = _tokens((2, 8))
+  out = model(tokens)
+  assert model.embed[...].dtype == jnp.float32 and out.dtype == jnp.float32
+  assert np.abs(np.asarray(out - ref(tokens))).max() < 0.05  # bf16 rounding, same function
+
+
+def test_param_count_matches_config_formula():
+  for name in ("tiny", "qwen3-0.6b"):
+    cfg = get_preset(name)
+    state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == cfg.num_params()
+  assert abs(get_preset("qwen2.5-0.5b").num_params() - 494_032_768) == 0
+
+
+def test_bad_head_ratio_is_rejected():
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    CFG.replace(num_heads=5, num_kv_heads=2)
+
+
+def test_sharded_forward_equals_single_device(fake_devices):
+  """The same forward with parameters sharded over 8 fake CPU devices gives the same logits."""
+  out = fake_devices("""
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from ease_jax import sharding
+    from ease_jax.config import MeshConfig
+    from ease_jax.models import Decoder, DecoderConfig
+    cfg = DecoderConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=8, num_kv_heads=4, head_dim=8)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 96, (8, 16)), jnp.int32)
+    ref = np.asarray(Decoder(cfg, rngs=nnx.Rngs(0))(tokens))
+    forward = nnx.jit(lambda m, t: m(t))
+    for shape in [(1, 8, 1), (1, 4, 2), (2, 2, 2), (1, 1, 8)]:
+      mesh = sharding.make_mesh(MeshConfig(*shape))
+      model = sharding.shard_model(Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+      assert len(model.layers[0].mlp.up_proj[...].sharding.device_set) == 8
+      with jax.set_mesh(mesh):
+        out = forward(model, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+      print(shape, float(np.abs(np.asarray(out) - ref).max()))
+  """)
+  diffs = [float(line.split()[-1]) for line in out.strip().splitlines()]
+  assert len(diffs) == 4 and max(diffs) <= 1e-5, out

@@ -1,0 +1,38 @@
+"""Writes the synthetic demo safety data (phase 1, phase 2 mix, eval, public-format samples).
+
+  python tools/make_demo_data.py [--out data/demo] [--seed 0]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ease_jax import demo_text  # noqa: E402
+
+
+def write(out: str, seed: int = 0) -> dict[str, int]:
+  """Writes every demo file under `out`; returns {file name: row count}."""
+  os.makedirs(out, exist_ok=True)
+  counts = {}
+  for name, rows in demo_text.build_demo_dataset(seed).items():
+    with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    counts[name] = len(rows)
+  return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="data/demo")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  for name, n in write(args.out, args.seed).items():
+    print(f"{os.path.join(args.out, name)}: {n} rows")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
