@@ -227,3 +227,10 @@ def resize_vocab(model: Decoder, cfg: DecoderConfig, vocab_size: int,
     values["lm_head"] = grow(values["lm_head"], 1)
   new_cfg = cfg.replace(vocab_size=vocab_size)
   return assemble(new_cfg, values), new_cfg
+
+
+def save_pretrained(model: Decoder, config: DecoderConfig, out_dir: str | Path, tokenizer: Any = None,
+                    dtype: str = "bfloat16", **kwargs: Any) -> Path:
+  """Exports to a Hugging Face directory (see `ease_jax.export.save_pretrained`)."""
+  from ease_jax.export import save_pretrained as _save  # export imports this module
+  return _save(model, config, out_dir, tokenizer=tokenizer, dtype=dtype, **kwargs)
