@@ -64,6 +64,12 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """Restore target: `tree`'s shapes and dtypes placed on `shardings` (a matching pytree)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def model_config_to_json(cfg: DecoderConfig) -> dict:
   return dataclasses.asdict(cfg)
 
@@ -166,3 +172,24 @@ def restore_params(run_dir: str | Path, step: int, target_params: Any) -> Any:
   mgr, step = _resolve_step(Path(run_dir), step)
   args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract(target_params)))
   return mgr.restore(step, args=args)["params"]
+
+
+def load_model(run_dir: str | Path, step: int | None = None, mesh: Any = None,
+               **numerics: Any) -> tuple[Any, DecoderConfig, int]:
+  """A checkpoint's model (parameters only) on `mesh` (default: the first device).
+
+  `numerics` override DecoderConfig fields such as compute_dtype or remat.
+  """
+  from flax import nnx
+
+  from ease_jax import sharding
+  from ease_jax.config import MeshConfig
+  from ease_jax.models import Decoder
+
+  model_cfg, step = read_model_config(run_dir, step)
+  model_cfg = model_cfg.replace(**numerics)
+  mesh = mesh or sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))),
+                                     nnx.Param, ...)
+  target = with_shardings(params, sharding.param_shardings(mesh, params))
+  return nnx.merge(graphdef, restore_params(run_dir, step, target), rest), model_cfg, step

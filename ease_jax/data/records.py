@@ -7,12 +7,10 @@ Every bad row raises ``DataError`` naming the file, the line (JSONL, 1-based) or
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from ease_jax.batch import OBJECTIVES
 from ease_jax.config import SourceConfig
@@ -101,8 +99,8 @@ def make_record(messages: list[tuple[str, str]], response: str, target_type: str
   if target_type != "reasoning" and reasoning:
     raise DataError(f"a '{target_type}' target must not carry reasoning; use target_type "
                     "'reasoning' or drop the think text", field="reasoning")
-  if not messages or messages[-1][0] != "user":
-    raise DataError("the conversation must end with a user turn before the target",
+  if not messages or messages[-1][0] not in ("user", "tool"):
+    raise DataError("the conversation must end with a user (or tool) turn before the target",
                     field="messages")
   return Record(tuple(messages), response, target_type, reasoning, **meta)
 
@@ -232,7 +230,7 @@ def _read_jsonl(path: str) -> Iterator[Row]:
     for n, raw in enumerate(f, start=1):
       loc = Loc(path, line=n)
       try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a BOM
       except UnicodeDecodeError as e:
         yield loc, DataError(f"invalid UTF-8 at byte {e.start} of the line")
         continue
@@ -348,7 +346,3 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
                     path=src.path)
   return records
 
-
-def replace(record: Record, **changes: Any) -> Record:
-  """`dataclasses.replace` for records."""
-  return dataclasses.replace(record, **changes)

@@ -132,9 +132,11 @@ class Renderer:
                        "the prompt rendered with add_generation_prompt=True")
     rest = full[len(base):]
     if not rest.startswith(content):
+      hint = ("the template writes a think block for every answer: set data.empty_think=true"
+              if rest.startswith(THINK_OPEN) and not content.startswith(THINK_OPEN) else
+              "does the template drop or rewrite text, e.g. the reasoning before </think>?")
       raise self._fail(record, f"the rendered assistant turn {rest[:80]!r}... is not the "
-                       f"intended content {content[:80]!r}... (does the template drop or "
-                       "rewrite text, e.g. the reasoning before </think>?)")
+                       f"intended content {content[:80]!r}... ({hint})")
     after = rest[len(content):]
     eot = next((t for t in self._specials if after.startswith(t)), None)
     if eot is None:

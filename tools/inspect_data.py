@@ -1,0 +1,129 @@
+"""Shows rendered training examples with the supervised text marked, and a data summary.
+
+  python tools/inspect_data.py --config configs/qwen2.5-0.5b_phase1.yaml [key=value ...] [-n 3]
+  python tools/inspect_data.py --config CONFIG --split eval --json
+
+Supervised text is marked `[[gate:...]][[think:...]][[answer:...]]` (in colour on a terminal:
+prompt dim, gate magenta, think yellow, answer green). The summary comes from one pass of the
+real pipeline at `train.seq_len` (one epoch of the weighted mix for `train`): examples per
+objective and source, document length percentiles, dropped and skipped examples, and packing
+efficiency (the non-padding fraction of packed token positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from ease_jax.config import Config, load_config  # noqa: E402
+from ease_jax.data.pipeline import Pipeline  # noqa: E402
+from ease_jax.errors import DataError, UserError  # noqa: E402
+
+
+def load_data_tokenizer(cfg: Config):
+  """`data.tokenizer`, else an `hf:` model's directory, else the bundled demo; with think tokens."""
+  from ease_jax import tokenizer as tk
+  path = cfg.data.tokenizer
+  if not path and cfg.model.init_from.startswith("hf:"):
+    path = cfg.model.init_from[3:]
+  tok = tk.load_tokenizer(path)
+  tk.ensure_think_tokens(tok)  # as training does
+  return tok
+
+
+def example_info(pipe: Pipeline, rec, color: bool) -> dict:
+  """One rendered record: where it came from, its token counts and its marked text."""
+  try:
+    r = pipe.renderer.render(rec)
+  except DataError as e:
+    if pipe.cfg.on_bad_record != "skip":
+      raise
+    return {"source": rec.source, "where": rec.where, "objective": rec.target_type,
+            "skipped": str(e)}
+  think = r.think_end - r.start - 1
+  return {"source": rec.source, "where": rec.where, "objective": rec.target_type,
+          "tokens": len(r) - 1, "prompt_tokens": r.start,
+          "supervised_tokens": len(r) - r.start, "think_tokens": think,
+          "answer_tokens": len(r) - r.think_end,
+          "overlong": len(r) - 1 > pipe.seq_len, "text": pipe.renderer.marked(r, color)}
+
+
+def pick(records: list[list], n: int) -> list:
+  """The first `n` records taken round-robin over sources, so every source shows."""
+  out, depth = [], 0
+  while len(out) < n and any(depth < len(rs) for rs in records):
+    out += [rs[depth] for rs in records if depth < len(rs)]
+    depth += 1
+  return out[:n]
+
+
+def summarize(pipe: Pipeline) -> dict:
+  """One pass of the pipeline; lengths come from the packed segments."""
+  lengths = []
+  for batch in pipe:
+    seg = batch["segment_ids"]
+    for row in seg:
+      ids, counts = np.unique(row[row > 0], return_counts=True)
+      lengths += counts.tolist()
+  pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (0, 50, 90, 99, 100)} if lengths else {}
+  return {"split": pipe.split, "seq_len": pipe.seq_len, "records": sum(map(len, pipe.records)),
+          "document_tokens": pct, **pipe.stats.as_dict()}
+
+
+def print_human(examples: list[dict], summary: dict) -> None:
+  for i, ex in enumerate(examples):
+    if "skipped" in ex:
+      print(f"--- example {i}: {ex['source']} ({ex['where']}) SKIPPED: {ex['skipped']}")
+      continue
+    print(f"--- example {i}: {ex['source']} ({ex['where']}) objective={ex['objective']} "
+          f"tokens={ex['tokens']} prompt={ex['prompt_tokens']} "
+          f"supervised={ex['supervised_tokens']} (think {ex['think_tokens']}, "
+          f"answer {ex['answer_tokens']})" + (" OVERLONG" if ex["overlong"] else ""))
+    print(ex["text"])
+  s = summary
+  print(f"--- summary ({s['split']}, seq_len {s['seq_len']}, {s['records']} records read)")
+  print("examples per objective:", s["examples_by_objective"])
+  print("examples per source:   ", s["examples_by_source"])
+  print("document tokens:       ", s["document_tokens"])
+  print(f"dropped overlong: {s['dropped_overlong']}   skipped bad records: "
+        f"{s['skipped_bad_records']}")
+  for reason in s["skip_reasons"]:
+    print("  skipped:", reason)
+  print(f"batches: {s['batches']}   tokens: {s['tokens']}   supervised: {s['supervised_tokens']}"
+        f"   packing efficiency: {100 * s['packing_efficiency']:.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", help="YAML config (default: the built-in defaults)")
+  ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+  ap.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+  ap.add_argument("--split", choices=("train", "eval"), default="train")
+  ap.add_argument("--json", action="store_true", help="print one JSON object instead")
+  args = ap.parse_args(argv)
+  try:
+    cfg = load_config(args.config, args.overrides)
+    pipe = Pipeline(cfg.data, load_data_tokenizer(cfg), seq_len=cfg.train.seq_len,
+                    batch_size=cfg.train.batch_size, seed=cfg.train.seed, split=args.split,
+                    num_epochs=1)
+    color = sys.stdout.isatty() and not args.json
+    examples = [example_info(pipe, r, color) for r in pick(pipe.records, args.n)]
+    summary = summarize(pipe)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps({"examples": examples, "summary": summary}, indent=1))
+  else:
+    print_human(examples, summary)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
