@@ -210,18 +210,28 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
+  """Sets `a.b.0.c` in a nested dict/list tree, creating sections as needed."""
   parts = key.split(".")
-  for part in parts[:-1]:
-    node = tree.setdefault(part, {})
-    if not isinstance(node, dict):
-      raise ConfigError(f"override '{key}': '{part}' is not a section")
-    tree = node
-  tree[parts[-1]] = value
+  node: Any = tree
+  for i, part in enumerate(parts):
+    last = i == len(parts) - 1
+    if isinstance(node, list):
+      if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{key}': '{'.'.join(parts[:i])}' is a list of {len(node)} "
+                          f"item(s); use an index 0..{len(node) - 1}")
+      part = int(part)
+    elif not isinstance(node, dict):
+      raise ConfigError(f"override '{key}': '{'.'.join(parts[:i])}' is not a section")
+    if last:
+      node[part] = value
+    else:
+      if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+        node[part] = {}
+      node = node[part]
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-  """Parses ``key.sub=value`` strings (values are YAML) into a nested dict."""
-  tree: dict = {}
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+  """Applies ``key.sub=value`` strings (values are YAML) to a nested tree, in place."""
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
@@ -234,11 +244,9 @@ def parse_overrides(overrides: list[str]) -> dict:
   return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
-  out = dict(base)
-  for k, v in top.items():
-    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
+def parse_overrides(overrides: list[str]) -> dict:
+  """Parses ``key.sub=value`` strings into a nested dict."""
+  return apply_overrides({}, overrides)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -263,7 +271,7 @@ def from_dict(tree: dict) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
   """Loads YAML (or the defaults when `path` is None) and applies dotted overrides."""
   tree = read_yaml(path) if path else {}
-  return from_dict(_merge(tree, parse_overrides(list(overrides))))
+  return from_dict(apply_overrides(tree, list(overrides)))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -283,4 +291,4 @@ def replace(cfg: Config, **sections: Any) -> Config:
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "SourceConfig", "TrainConfig", "LossConfig",
            "CheckpointConfig", "MeshConfig", "ObjectiveWeights", "SpanWeights", "load_config",
-           "from_dict", "parse_overrides", "dump_yaml", "to_dict", "read_yaml"]
+           "from_dict", "parse_overrides", "apply_overrides", "dump_yaml", "to_dict", "read_yaml"]
