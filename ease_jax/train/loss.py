@@ -27,6 +27,8 @@ from ease_jax.batch import OBJECTIVES, SPANS
 from ease_jax.config import LossConfig
 
 Sums = dict[str, jax.Array]
+# The keys of `numerator_sums`: the sums that depend on the logits.
+NUMERATORS = ("num/token", "num/gate") + tuple(f"num/{k}" for k in OBJECTIVES)
 
 
 def _objective_weights(loss_cfg: LossConfig) -> jax.Array:
@@ -57,7 +59,8 @@ def weight_sums(batch: dict, loss_cfg: LossConfig) -> Sums:
   ma_BxT, wma_BxT = _token_weights(batch, loss_cfg)
   supervised_BxT = batch["loss_weight"] > 0
   gate_BxT = supervised_BxT & (batch["span"] == SPANS.index("gate"))
-  sums = {"den/token": wma_BxT.sum(), "den/gate": jnp.where(gate_BxT, batch["loss_weight"], 0.0).sum(),
+  sums = {"den/token": wma_BxT.sum(),
+          "den/gate": jnp.where(gate_BxT, batch["loss_weight"], 0.0).sum(),
           "count/supervised": supervised_BxT.sum(dtype=jnp.int32),
           "count/gate": gate_BxT.sum(dtype=jnp.int32)}
   for i, k in enumerate(OBJECTIVES):
@@ -135,5 +138,6 @@ def finalize(sums: Sums, loss_cfg: LossConfig) -> tuple[jax.Array, dict[str, jax
     total = jnp.dot(_present_weights(sums, loss_cfg), jnp.stack([per_k[k] for k in OBJECTIVES]))
   metrics = {"loss/total": total, "loss/gate": _safe_div(sums["num/gate"], sums["den/gate"])}
   metrics |= {f"loss/{k}": v for k, v in per_k.items()}
-  metrics |= {f"tokens/{key.split('/')[1]}": v for key, v in sums.items() if key.startswith("count/")}
+  metrics |= {f"tokens/{key.removeprefix('count/')}": v for key, v in sums.items()
+              if key.startswith("count/")}
   return total, metrics

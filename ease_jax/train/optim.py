@@ -33,7 +33,8 @@ def _compile(pattern: str) -> re.Pattern:
   try:
     return re.compile(pattern)
   except re.error as e:
-    raise ConfigError(f"train.trainable: {pattern!r} is not a valid regular expression ({e})") from None
+    raise ConfigError(f"train.trainable: {pattern!r} is not a valid regular expression "
+                      f"({e})") from None
 
 
 def trainable_mask(params, pattern: str):

@@ -1,0 +1,165 @@
+"""Selective-reasoning evaluation: per prompt class, how often the model reasons, how long
+it talks, whether it refuses, and (with a judge) whether its answers are unsafe.
+
+Eval records carry a `class` label (e.g. benign, harmful, adversarial_harmful,
+adversarial_benign) next to any adapter's fields. `report.json`, `report.md`, a PNG
+chart and every generation (`generations.jsonl`) are written to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ease_jax.config import SourceConfig
+from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, read_rows
+from ease_jax.errors import DataError
+
+CLASS_ORDER = ("benign", "harmful", "adversarial_harmful", "adversarial_benign")
+RATE_KEYS = ("reasoning_rate", "refusal_rate", "unsafe_rate")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+  """One eval prompt and its class."""
+  record: Record
+  cls: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+  """What the model did on one prompt."""
+  cls: str
+  text: str  # the generated text, think block included
+  new_tokens: int
+  think_tokens: int  # tokens from <think> through </think>; 0 when it did not reason
+  refused: bool
+  unsafe: bool | None  # None without a judge
+
+  @property
+  def reasoned(self) -> bool:
+    return self.text.lstrip().startswith(THINK_OPEN)
+
+
+def read_eval_file(path: str, adapter: str = "prompt_response") -> list[EvalItem]:
+  """Records of an eval file plus each row's required `class` label."""
+  src = SourceConfig(adapter=adapter, path=path)
+  classes = []
+  for loc, row in read_rows(src):
+    if isinstance(row, DataError):
+      raise loc.error(row)
+    label = row.get("class")
+    if not isinstance(label, str) or not label.strip():
+      raise loc.error(DataError("missing the eval class label (e.g. benign, harmful, "
+                                "adversarial_harmful, adversarial_benign)", field="class"))
+    classes.append(label.strip())
+  return [EvalItem(r, c) for r, c in zip(load_records(src), classes)]
+
+
+def answer_part(text: str) -> str:
+  """The text after the think block (the whole text when there is none)."""
+  return text.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in text else text
+
+
+def think_token_count(ids: Sequence[int], think_open: int, think_close: int) -> int:
+  """Tokens of the leading think block, both tags included (unclosed: to the end)."""
+  ids = list(ids)
+  if not ids or ids[0] != think_open:
+    return 0
+  return ids.index(think_close) + 1 if think_close in ids else len(ids)
+
+
+def _stats(outcomes: list[Outcome]) -> dict[str, float | int | None]:
+  new = np.asarray([o.new_tokens for o in outcomes], np.float64)
+  judged = [o.unsafe for o in outcomes if o.unsafe is not None]
+  return {
+      "n": len(outcomes),
+      "reasoning_rate": float(np.mean([o.reasoned for o in outcomes])),
+      "mean_new_tokens": float(new.mean()),
+      "p90_new_tokens": float(np.percentile(new, 90)),
+      "mean_think_tokens": float(np.mean([o.think_tokens for o in outcomes])),
+      "refusal_rate": float(np.mean([o.refused for o in outcomes])),
+      "unsafe_rate": float(np.mean(judged)) if judged else None,
+  }
+
+
+def summarize(outcomes: list[Outcome], seconds: float | None = None) -> dict[str, Any]:
+  """Per-class and overall statistics (classes in CLASS_ORDER first, then the rest)."""
+  if not outcomes:
+    raise DataError("the eval set is empty")
+  present = sorted({o.cls for o in outcomes},
+                   key=lambda c: (CLASS_ORDER.index(c) if c in CLASS_ORDER else 99, c))
+  report: dict[str, Any] = {"classes": {c: _stats([o for o in outcomes if o.cls == c])
+                                        for c in present},
+                            "overall": _stats(outcomes)}
+  if seconds:
+    report["tokens_per_sec"] = sum(o.new_tokens for o in outcomes) / seconds
+    report["seconds"] = seconds
+  return report
+
+
+def markdown(report: dict[str, Any], title: str = "") -> str:
+  """The report as a Markdown table."""
+  cols = ("n", "reasoning_rate", "refusal_rate", "unsafe_rate", "mean_new_tokens",
+          "p90_new_tokens", "mean_think_tokens")
+  lines = [f"## {title}", ""] if title else []
+  lines += ["| class | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  rows = list(report["classes"].items()) + [("overall", report["overall"])]
+  for name, s in rows:
+    cells = ["-" if s[c] is None else (f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c]))
+             for c in cols]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  if report.get("tokens_per_sec"):
+    lines += ["", f"Generation: {report['tokens_per_sec']:.0f} new tokens/s."]
+  return "\n".join(lines) + "\n"
+
+
+def chart(reports: dict[str, dict[str, Any]], path: str | Path) -> None:
+  """A PNG: reasoning rate and mean new tokens per class, one bar group per report."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  classes = list(next(iter(reports.values()))["classes"])
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / len(reports)
+  for i, (label, rep) in enumerate(reports.items()):
+    x = np.arange(len(classes)) + i * width
+    for ax, key in zip(axes, ("reasoning_rate", "mean_new_tokens")):
+      ax.bar(x, [rep["classes"].get(c, {}).get(key, 0) or 0 for c in classes], width, label=label)
+  for ax, title in zip(axes, ("reasoning rate (opens <think>)", "mean new tokens")):
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=15, fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, rows: list[dict],
+                 title: str = "") -> Path:
+  """report.json, report.md, chart.png and generations.jsonl under `out_dir`."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "report.json").write_text(json.dumps(report, indent=2))
+  (out / "report.md").write_text(markdown(report, title))
+  with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  chart({title or "model": report}, out / "chart.png")
+  return out
+
+
+def outcomes_from(items: list[EvalItem], texts: list[str], new_ids: list[list[int]],
+                  think_ids: tuple[int, int], is_refusal: Callable[[str], bool],
+                  unsafe: list[bool] | None = None) -> list[Outcome]:
+  """Outcomes from generations (text and new token ids, aligned with `items`)."""
+  return [Outcome(cls=item.cls, text=text, new_tokens=len(ids),
+                  think_tokens=think_token_count(ids, *think_ids),
+                  refused=bool(is_refusal(answer_part(text))),
+                  unsafe=None if unsafe is None else bool(unsafe[i]))
+          for i, (item, text, ids) in enumerate(zip(items, texts, new_ids))]

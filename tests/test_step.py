@@ -1,0 +1,216 @@
+"""The optimizer and the train step: compile once, accumulation, freezing, decay, sharding."""
+
+import functools
+import json
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ease_jax import sharding
+from ease_jax.config import Config, MeshConfig, TrainConfig, replace
+from ease_jax.errors import ConfigError
+from ease_jax.models import Decoder, get_preset
+from ease_jax.train import loss as loss_lib
+from ease_jax.train import optim
+from ease_jax.train import step as step_lib
+
+VOCAB = 512
+
+
+def tiny_model(seed: int = 0) -> Decoder:
+  return Decoder(get_preset("tiny").replace(vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+
+
+def make_batch(seed: int, B: int = 8, T: int = 16) -> dict:
+  """Rows of two packed documents each: a prompt (no loss), then a gate token and an answer."""
+  rng = np.random.default_rng(seed)
+  batch = {k: np.zeros((B, T), np.int32) for k in ("segment_ids", "positions", "objective", "span")}
+  batch["loss_weight"] = np.zeros((B, T), np.float32)
+  for b in range(B):
+    cut = rng.integers(5, T - 4)
+    for seg, (lo, hi) in enumerate([(0, cut), (cut, T)], start=1):
+      start = lo + rng.integers(1, hi - lo - 1)  # first assistant token
+      k = rng.integers(0, 3)
+      batch["segment_ids"][b, lo:hi] = seg
+      batch["positions"][b, lo:hi] = np.arange(hi - lo)
+      batch["objective"][b, lo:hi] = k
+      batch["loss_weight"][b, start:hi] = 1.0
+      batch["span"][b, lo:hi] = 1  # answer
+      batch["span"][b, start] = 2  # gate
+      if k == 0:
+        batch["span"][b, start + 1:(start + hi) // 2 + 1] = 0  # think
+  batch["tokens"] = rng.integers(0, VOCAB, (B, T), dtype=np.int32)
+  batch["targets"] = rng.integers(0, VOCAB, (B, T), dtype=np.int32)
+  return batch
+
+
+def train_cfg(**kw) -> TrainConfig:
+  base = dict(lr=1e-3, warmup_ratio=0.0, weight_decay=0.1, clip_norm=1.0)
+  return TrainConfig(**{**base, **kw})
+
+
+def jit_step(tx, cfg: Config):
+  """The jitted `train_step` for `cfg` on one device (no mesh)."""
+  return jax.jit(functools.partial(
+      step_lib.train_step, graphdef=nnx.split(tiny_model(), nnx.Param)[0], tx=tx,
+      loss_cfg=cfg.loss, grad_accum=cfg.train.grad_accum,
+      schedule=optim.make_schedule(cfg.train, 10),
+      trainable=cfg.train.trainable, skip_nonfinite=cfg.train.skip_nonfinite_steps))
+
+
+def run_steps(fn, tx, batches, state=None):
+  """Steps `fn` from a fresh model (or `state`); returns the final state and per-step metrics."""
+  state = state if state is not None else step_lib.init_state(tiny_model(), tx, 0)[1]
+  metrics = []
+  for batch in batches:
+    state, m = fn(state, batch)
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+def leaves(tree) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {optim.path_str(p): np.asarray(x) for p, x in flat}
+
+
+def test_schedule_warmup_then_cosine():
+  sched = optim.make_schedule(TrainConfig(lr=2.0, warmup_ratio=0.1, min_lr_ratio=0.1), 100)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(55), sched(100)],
+                             [0.0, 1.0, 2.0, 1.1, 0.2], rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  _, params = nnx.split(tiny_model(), nnx.Param)
+  tx = optim.make_optimizer(train_cfg(lr=1.0, weight_decay=0.1, clip_norm=0.0), 10)
+  updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(params)
+  p, u = leaves(params), leaves(updates)
+  no_decay = [k for k in p if "norm" in k or "bias" in k]
+  assert len(no_decay) == 2 * 5 + 1  # per layer: 2 norms, 3 biases; the final norm
+  for k in p:  # a zero gradient leaves only the decoupled decay: -lr * wd * p
+    want = np.zeros_like(p[k]) if k in no_decay else -0.1 * p[k]
+    np.testing.assert_allclose(u[k], want, rtol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def partial_training():
+  """A step that trains only layer 1's MLP and the final norm, and skips non-finite steps."""
+  cfg = replace(Config(), train=train_cfg(trainable=r"layers\.1\.mlp|^norm",
+                                          skip_nonfinite_steps=True))
+  tx = optim.make_optimizer(cfg.train, 10)
+  return jit_step(tx, cfg), tx
+
+
+def test_trainable_regex_freezes_the_rest(partial_training):
+  fn, tx = partial_training
+  state, metrics = run_steps(fn, tx, [make_batch(0), make_batch(1)])
+  before, after = leaves(nnx.split(tiny_model(), nnx.Param)[1]), leaves(state.params)
+  for k in before:
+    trained = k.startswith("layers.1.mlp") or k == "norm.weight"
+    assert np.array_equal(before[k], after[k]) != trained, k
+  # Only trainable parameters carry Adam moments.
+  mu = [k for k in leaves(state.opt_state) if ".mu." in k]
+  assert len(mu) == 4 and all("layers.1.mlp" in k or "mu.norm" in k for k in mu)
+  assert metrics[0]["grad_norm"] > 0 and metrics[1]["nonfinite"] == 0.0
+  with pytest.raises(ConfigError, match="matches no parameter"):
+    optim.make_optimizer(train_cfg(trainable="no_such_param"), 10).init(state.params)
+  with pytest.raises(ConfigError, match="train.trainable"):
+    optim.make_optimizer(train_cfg(trainable="("), 10)
+
+
+def test_nonfinite_step_is_flagged_and_skipped(partial_training):
+  fn, tx = partial_training
+  _, state = step_lib.init_state(tiny_model(), tx, 0)
+  weight = state.params["norm"]["weight"]
+  weight[...] = weight[...].at[0].set(jnp.nan)
+  before = leaves(state)
+  state, metrics = run_steps(fn, tx, [make_batch(0)], state)
+  assert metrics[0]["nonfinite"] == 1.0 and int(state.step) == 1
+  for k, v in leaves(state).items():  # params and optimizer state untouched
+    assert k == "step" or np.array_equal(v, before[k], equal_nan=True), k
+
+
+def keep_grads() -> optax.GradientTransformation:
+  """Passes updates through unchanged and keeps the last gradient as its state."""
+  return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, state, params=None: (g, g))
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  """Batch 8 in one step equals 4 accumulated micro-batches of 2: gradients, params, metrics."""
+  batch = make_batch(3)
+  results = {}
+  for accum in (1, 4):
+    # Adam's first update is lr * g / (|g| + eps): with the default eps, gradients near 1e-8
+    # (embedding rows reached only through the tied head) turn float noise into visible
+    # update differences; a larger eps keeps the params check at float32 tolerance.
+    cfg = replace(Config(), train=train_cfg(grad_accum=accum, adam_eps=1e-3))
+    tx = optax.chain(keep_grads(), optim.make_optimizer(cfg.train, 10))
+    state, metrics = run_steps(jit_step(tx, cfg), tx, [batch])
+    results[accum] = leaves(state.opt_state[0]), leaves(state.params), metrics[0]
+  (g1, p1, m1), (g4, p4, m4) = results[1], results[4]
+  for k in g1:
+    np.testing.assert_allclose(g4[k], g1[k], rtol=1e-4, atol=1e-5 * np.abs(g1[k]).max(), err_msg=k)
+    np.testing.assert_allclose(p4[k], p1[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  for key in ("loss/total", "loss/reasoning", "loss/refusal", "loss/direct", "loss/gate",
+              "grad_norm"):
+    np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, err_msg=key)
+  assert m4["tokens/supervised"] == m1["tokens/supervised"] > 0
+  # The micro-batches differ in size, so a mean of their means would not match.
+  parts = [{k: v[i::4] for k, v in batch.items()} for i in range(4)]
+  assert len({float(p["loss_weight"].sum()) for p in parts}) > 1
+
+
+def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False) -> dict:
+  """Per step (loss/total, grad_norm, param_norm) of the compiled step on a mesh; trace count."""
+  cfg = replace(Config(), train=train_cfg(grad_accum=2))
+  devices = jax.devices()[:np.prod([max(v, 1) for v in vars(mesh_cfg).values()])]
+  mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+  tx = optim.make_optimizer(cfg.train, 10)
+  graphdef, state = step_lib.init_state(tiny_model(), tx, 0)
+  state = sharding.put(state, step_lib.state_shardings(mesh, state))
+  with mock.patch.object(step_lib, "train_step", wraps=step_lib.train_step) as traced:
+    train = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
+                                        optim.make_schedule(cfg.train, 10))
+    evaluate = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if check_eval else None
+    out = []
+    for i in range(steps):
+      batch = make_batch(10 + i, B=16)
+      if evaluate is not None:  # the eval sums of the same batch give the step's loss
+        total, _ = loss_lib.finalize(evaluate(state, batch), cfg.loss)
+      state, m = train(state, batch)
+      if evaluate is not None:
+        np.testing.assert_allclose(total, m["loss/total"], rtol=1e-5)
+      out.append([float(m["loss/total"]), float(m["grad_norm"]), float(m["param_norm"])])
+  return {"metrics": out, "traces": traced.call_count, "step": int(state.step)}
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+  return sharded_losses(MeshConfig(fsdp=1), check_eval=True)
+
+
+def test_compiles_once(one_device_run):
+  assert one_device_run["traces"] == 1 and one_device_run["step"] == 5
+
+
+SHARDED = """
+import json, sys
+sys.path.insert(0, "tests")
+from test_step import sharded_losses
+from ease_jax.config import MeshConfig
+meshes = {"fsdp4_tensor2": dict(fsdp=4, tensor=2), "data2_fsdp4": dict(data=2, fsdp=4)}
+print(json.dumps({name: sharded_losses(MeshConfig(**m))["metrics"] for name, m in meshes.items()}))
+"""
+
+
+def test_sharded_equals_unsharded(one_device_run, fake_devices):
+  want = np.array(one_device_run["metrics"])
+  got = json.loads(fake_devices(SHARDED).strip().splitlines()[-1])
+  for name, values in got.items():
+    np.testing.assert_allclose(np.array(values), want, rtol=2e-5, err_msg=name)
+  assert len(set(want[:, 2])) == len(want)  # every step moves the parameters
