@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ease_jax import checkpoint, hf, sharding
 from ease_jax.config import Config
-from ease_jax.errors import ConfigError
+from ease_jax.errors import ConfigError, UserError
 from ease_jax.models import Decoder, DecoderConfig, get_preset
 from ease_jax.tokenizer import demo_tokenizer_path, ensure_think_tokens, load_tokenizer
 
@@ -44,7 +44,11 @@ def tokenizer_path(cfg: Config) -> str:
   if kind == "hf":
     return value
   if kind == "ckpt":
-    return str(checkpoint.parse_ckpt_spec(value)[0] / TOKENIZER_DIR)
+    path = checkpoint.parse_ckpt_spec(value)[0] / TOKENIZER_DIR
+    if not path.is_dir():
+      raise UserError(f"model.init_from=ckpt:{value}: {path} not found; is "
+                      f"{path.parent} the run_dir of a training run?")
+    return str(path)
   return demo_tokenizer_path()
 
 
@@ -68,8 +72,7 @@ def _from_ckpt(cfg: Config, spec: str, mesh: Mesh) -> tuple[Decoder, DecoderConf
   model_cfg = model_cfg.replace(**_numerics(cfg))
   model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  target = sharding.param_shardings(mesh, params)
-  target = checkpoint.abstract_with_shardings(params, target)
+  target = checkpoint.with_shardings(params, sharding.param_shardings(mesh, params))
   params = checkpoint.restore_params(run_dir, step, target)
   return nnx.merge(graphdef, params, rest), model_cfg
 
@@ -80,7 +83,9 @@ def init_model(cfg: Config, vocab_size: int, mesh: Mesh) -> tuple[Decoder, Decod
   if kind == "ckpt":
     model, model_cfg = _from_ckpt(cfg, value, mesh)
   elif kind == "hf":
-    model, model_cfg = hf.load_pretrained(Path(value), **_numerics(cfg))
+    numerics = _numerics(cfg)
+    model, model_cfg = hf.load_pretrained(Path(value), dtype=numerics.pop("param_dtype"),
+                                          **numerics)
   else:
     try:
       model_cfg = get_preset(value).replace(**_numerics(cfg))

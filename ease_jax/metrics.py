@@ -72,9 +72,9 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
     self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
     self._truncate_jsonl(resume_step)
-    # purge_step hides events a killed run wrote after the checkpoint we resume from.
-    self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None,
-                             flush_secs=30)
+    # purge_step hides events a killed run wrote after the checkpoint we resume from
+    # (or, with no checkpoint, everything it wrote).
+    self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1, flush_secs=30)
     self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
 
   def _truncate_jsonl(self, resume_step: int) -> None:
@@ -161,6 +161,7 @@ class Progress:
     self.min_interval = 0.0 if self.tty else min_interval
     self._start = (time.perf_counter(), start_step)
     self._last_print = -math.inf
+    self._bar_shown = False
 
   def update(self, step: int, scalars: Mapping[str, float], force: bool = False) -> None:
     """Shows step, loss, tokens/s and ETA (at most every `min_interval` s unless forced)."""
@@ -186,12 +187,15 @@ class Progress:
 
   def _write(self, text: str, newline: bool = False) -> None:
     if self.tty and not newline:
-      self.stream.write("\r\033[K" + text)
+      self.stream.write("\r\033[K" + text)  # redraw the bar in place
+      self._bar_shown = True
     else:
-      self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+      # A message keeps the bar above it; the next update draws a fresh bar below.
+      self.stream.write(("\n" if self._bar_shown else "") + text + "\n")
+      self._bar_shown = False
     self.stream.flush()
 
   def close(self) -> None:
-    if self.enabled and self.tty:
+    if self.enabled and self._bar_shown:
       self.stream.write("\n")
       self.stream.flush()

@@ -1,0 +1,307 @@
+"""The training loop: set up, resume, step, log one step behind, evaluate, checkpoint.
+
+The host dispatches step N and only then reads step N-1's metrics, so it never
+waits for the device except at evaluation and checkpoint steps (where it must:
+a checkpoint is only written after its step's loss was seen to be finite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ease_jax import config as config_lib, init, metrics as metrics_lib, sharding
+from ease_jax.batch import OBJECTIVES
+from ease_jax.checkpoint import Checkpointer
+from ease_jax.config import Config
+from ease_jax.data.pipeline import Pipeline
+from ease_jax.errors import ConfigError, DataError
+from ease_jax.train import loss as loss_lib, optim, step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the gradients became NaN/Inf; the message names the step and checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished (or stopped) run leaves behind."""
+  run_dir: Path
+  step: int
+  total_steps: int
+  last_metrics: dict[str, float]
+  skipped_steps: int = 0
+  is_primary: bool = True
+
+  def summary(self) -> str:
+    loss = self.last_metrics.get("loss/total")
+    lines = [f"finished step {self.step}/{self.total_steps}"
+             + (f", loss {loss:.4f}" if loss is not None else "")
+             + (f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else "")]
+    lines += [f"  {line}" for line in where_lines(self.run_dir)]
+    return "\n".join(lines)
+
+
+def where_lines(run_dir: Path) -> list[str]:
+  """Where a run writes its outputs (printed at the start and the end)."""
+  return [f"run dir:     {run_dir}", f"checkpoints: {run_dir / 'checkpoints'}",
+          f"metrics:     {run_dir / 'metrics.jsonl'}",
+          f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"]
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `setup`."""
+  cfg: Config
+  run_dir: Path
+  mesh: Any
+  model_cfg: Any
+  state: step_lib.TrainState
+  train_fn: Any
+  eval_fn: Any
+  train_data: Pipeline
+  eval_data: Pipeline | None
+  data_iter: Iterator
+  ckpt: Checkpointer
+  total_steps: int
+  start_step: int
+
+
+def per_process_batch(cfg: Config, mesh: Any) -> int:
+  """train.batch_size split over processes, checked against the data-parallel devices."""
+  B, procs = cfg.train.batch_size, jax.process_count()
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if B % dp or B % procs:
+    raise ConfigError(f"train.batch_size={B} must be a multiple of the data-parallel devices "
+                      f"(mesh.data x mesh.fsdp = {dp}) and of the {procs} processes")
+  return B // procs
+
+
+def make_pipeline(cfg: Config, tokenizer: Any, split: str, batch: int) -> Pipeline:
+  return Pipeline(cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=batch,
+                  seed=cfg.train.seed, split=split, shard_index=jax.process_index(),
+                  shard_count=jax.process_count())
+
+
+def total_steps(cfg: Config, data: Pipeline) -> int:
+  """train.steps, or train.epochs x the (estimated) batches per epoch, agreed by all hosts."""
+  if cfg.train.steps:
+    return cfg.train.steps
+  n = math.ceil(cfg.train.epochs * data.num_batches_per_epoch())
+  if jax.process_count() > 1:  # the estimate is per shard; every host must run the same steps
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(n)))
+  if n <= 0:
+    raise DataError("data.train yields no batches (every example dropped?); check the sources")
+  return n
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts a pytree on `shardings`, from host-identical local arrays or from global ones."""
+  def one(x, s):
+    if jax.process_count() > 1 and getattr(x, "is_fully_addressable", True):
+      return sharding.put(x, s)
+    return jax.device_put(x, s)
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+  """Per-process numpy rows -> one global batch split over (data, fsdp)."""
+  s = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
+
+
+def _prepare_run_dir(cfg: Config, tokenizer: Any) -> Path:
+  run_dir = Path(cfg.run_dir)
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_lib.dump_yaml(cfg), encoding="utf-8")
+    tokenizer.save_pretrained(str(run_dir / init.TOKENIZER_DIR))  # for phase 2 and export
+  return run_dir
+
+
+def setup(cfg: Config) -> Run:
+  """Tokenizer, data, model, optimizer, compiled steps; restores the latest checkpoint."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  batch = per_process_batch(cfg, mesh)
+  tokenizer = init.load_run_tokenizer(cfg)
+  run_dir = _prepare_run_dir(cfg, tokenizer)
+  train_data = make_pipeline(cfg, tokenizer, "train", batch)
+  eval_data = make_pipeline(cfg, tokenizer, "eval", batch) if cfg.data.eval else None
+  steps = total_steps(cfg, train_data)
+  model, model_cfg = init.init_model(cfg, len(tokenizer), mesh)
+  tx = optim.make_optimizer(cfg.train, steps)
+  graphdef, state = step_lib.init_state(model, tx, cfg.train.seed)
+  state = place(state, step_lib.state_shardings(mesh, state))
+  ckpt = Checkpointer(run_dir, cfg.checkpoint)
+  data_iter = iter(train_data)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state, data_iter)
+  train_fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
+                                         optim.make_schedule(cfg.train, steps))
+  eval_fn = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if eval_data else None
+  return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, eval_fn, train_data, eval_data,
+             data_iter, ckpt, steps, start)
+
+
+def present_losses(scalars: dict[str, float], prefix: str = "") -> dict[str, float]:
+  """Drops loss/<k> of objectives (and the gate) absent from the batch: their 0 means nothing."""
+  out = dict(scalars)
+  for k in (*OBJECTIVES, "gate"):
+    if out.get(f"{prefix}tokens/{k}", 1) == 0:
+      out.pop(f"{prefix}loss/{k}", None)
+  return out
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def evaluate(run: Run, state: step_lib.TrainState) -> dict[str, float]:
+  """Per-objective loss over one pass of data.eval: sums over every batch, then divided."""
+  totals: dict[str, np.ndarray] = {}
+  it, template = iter(run.eval_data), None
+  while True:
+    local = next(it, None)
+    # Hosts may hold different numbers of eval batches; all run until the last one is done.
+    if not _any_process(local is not None):
+      break
+    template = local if local is not None else template
+    local = local if local is not None else {k: np.zeros_like(v) for k, v in template.items()}
+    sums = jax.device_get(run.eval_fn(state, to_global(local, run.mesh)))
+    totals = {k: totals.get(k, 0) + np.asarray(v, np.float64) for k, v in sums.items()}
+  _, out = loss_lib.finalize({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()},
+                             run.cfg.loss)
+  return present_losses({f"eval/{k}": float(v) for k, v in out.items()}, prefix="eval/")
+
+
+class Logger:
+  """Turns step metrics into logged scalars: NaN guard, throughput, jsonl + TensorBoard."""
+
+  def __init__(self, run: Run):
+    self.run, cfg = run, run.cfg
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    self.throughput = metrics_lib.Throughput(
+        tokens, run.model_cfg.flops_per_token(cfg.train.seq_len), jax.device_count(),
+        metrics_lib.peak_flops_per_device())
+    self.writer = metrics_lib.MetricsWriter(run.run_dir, resume_step=run.start_step)
+    self.progress = metrics_lib.Progress(run.total_steps, run.start_step)
+    self.skipped = 0
+    self.last: dict[str, float] = {}
+    self.writer.write_text("config", config_lib.dump_yaml(cfg), run.start_step)
+
+  def read(self, step: int, device_metrics: dict) -> dict[str, float]:
+    """Fetches one step's metrics (a host sync), stops on NaN/Inf, adds throughput."""
+    scalars = metrics_lib.to_python(device_metrics)
+    if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
+      if not self.run.cfg.train.skip_nonfinite_steps:
+        self._raise_nonfinite(step, scalars["loss/total"])
+      self.skipped += 1
+      self.progress.message(f"step {step}: non-finite loss or gradient, update skipped "
+                            f"({self.skipped} so far)")
+    scalars = present_losses(scalars) | self.throughput.update(step)
+    scalars["skipped_steps"] = float(self.skipped)
+    return scalars
+
+  def write(self, step: int, scalars: dict[str, float], force: bool = False) -> None:
+    """Writes the scalars every train.log_every steps (or when forced) and updates progress."""
+    self.last = scalars
+    last = step == self.run.total_steps
+    if force or last or step % self.run.cfg.train.log_every == 0:
+      self.writer.write_scalars(step, scalars)
+    self.progress.update(step, scalars, force=last or step == self.run.start_step + 1)
+
+  def log(self, step: int, device_metrics: dict) -> None:
+    self.write(step, self.read(step, device_metrics))
+
+  def _raise_nonfinite(self, step: int, loss: float) -> None:
+    last = self.run.ckpt.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.run.ckpt.directory}; running "
+             f"the same command again resumes from it" if last else "no checkpoint was saved yet")
+    raise NonFiniteLossError(
+        f"loss became {loss} (or a gradient non-finite) at step {step}; training stopped. "
+        f"{where}. Lower train.lr or set train.skip_nonfinite_steps=true to skip such steps.")
+
+  def close(self) -> None:
+    self.progress.close()
+    self.writer.close()
+
+
+def _announce(run: Run) -> None:
+  if jax.process_index() != 0:
+    return
+  mesh = dict(run.mesh.shape)
+  what = "resuming from step" if run.start_step else "starting at step"
+  print(f"{what} {run.start_step} of {run.total_steps}; model {run.model_cfg.num_params():,} "
+        f"params; {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {mesh}; "
+        f"{jax.process_count()} process(es)", flush=True)
+  for line in where_lines(run.run_dir):
+    print(f"  {line}", flush=True)
+
+
+def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int) -> None:
+  """An eval and/or checkpoint step: read the metrics (NaN guard), evaluate, then save."""
+  cfg = run.cfg
+  scalars = logger.read(step, metrics)
+  eval_due = run.eval_data is not None and (
+      step == run.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+  if eval_due:
+    scalars |= evaluate(run, run.state)
+    logger.progress.message(f"step {step}: eval loss {scalars['eval/loss/total']:.4f}")
+  logger.write(step, scalars, force=eval_due)
+  if run.ckpt.save(step, run.state, run.data_iter, run.model_cfg, force=step == last):
+    logger.progress.message(f"step {step}: checkpoint saved to {run.ckpt.directory / str(step)}")
+  logger.throughput.reset()  # eval and checkpoint time is not training throughput
+
+
+def _is_boundary(run: Run, step: int, last: int) -> bool:
+  every = run.cfg.train.eval_every
+  return (step == last or step % run.cfg.checkpoint.every == 0
+          or bool(run.eval_data and every and step % every == 0))
+
+
+def run_steps(run: Run, logger: Logger, last: int) -> None:
+  """Steps start+1..last; step N's metrics are read after step N+1 is dispatched."""
+  padding = jax.jit(lambda seg: jnp.mean(seg == 0), out_shardings=sharding.replicated(run.mesh))
+  pending = None
+  for step in range(run.start_step + 1, last + 1):
+    batch = to_global(next(run.data_iter), run.mesh)
+    run.state, metrics = run.train_fn(run.state, batch)
+    metrics["padding_fraction"] = padding(batch["segment_ids"])
+    if pending:
+      logger.log(*pending)
+    pending = (step, metrics)
+    if _is_boundary(run, step, last):
+      _boundary(run, logger, step, metrics, last)
+      pending = None
+
+
+def train(cfg: Config, stop_at: int | None = None) -> TrainResult:
+  """Trains per `cfg`, resuming from RUN_DIR's latest checkpoint when there is one.
+
+  `stop_at` ends the run after that step with a checkpoint, as a preemption would
+  (used by tests; the schedule still spans all steps).
+  """
+  run = setup(cfg)
+  logger = Logger(run)
+  last = min(run.total_steps, stop_at or run.total_steps)
+  try:
+    _announce(run)
+    if run.start_step < last:
+      run_steps(run, logger, last)
+    elif jax.process_index() == 0:
+      print(f"nothing to do: {run.run_dir} is already at step {run.start_step}", flush=True)
+  finally:
+    run.ckpt.close()
+    logger.close()
+  return TrainResult(run.run_dir, max(last, run.start_step), run.total_steps, logger.last,
+                     logger.skipped, jax.process_index() == 0)

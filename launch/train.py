@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Train an EASE phase (or the demo) from a config file and dotted overrides.
+
+  python launch/train.py                                   # configs/demo.yaml (tiny, CPU)
+  python launch/train.py --config configs/qwen2.5-0.5b_phase1.yaml train.steps=100 run_dir=runs/x
+
+Running the same command again resumes from the run's latest checkpoint.
+
+Multi-host: on a TPU VM slice every worker runs the same command and
+jax.distributed is initialised automatically. Elsewhere (GPU hosts, tests) pass
+--coordinator HOST:PORT --num_processes N --process_id I on each process, or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+  sys.path.insert(0, str(ROOT))
+
+DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+  p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                 help="config overrides, e.g. train.steps=10 mesh.fsdp=4")
+  p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                 help="HOST:PORT of process 0 (multi-process runs outside TPU VMs)")
+  p.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
+  p.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
+  return p.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM (or GKE TPU pod): TPU env vars or TPU chips in /dev."""
+  return (any(os.environ.get(v) for v in TPU_ENV_VARS)
+          or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed.initialize for explicit multi-process runs and TPU VMs; else nothing."""
+  import jax
+  from ease_jax.errors import UserError
+
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise UserError("multi-process runs need all of --coordinator, --num_processes and "
+                      "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                      "JAX_PROCESS_ID)")
+    # CPU processes need a cross-process collectives backend; it does not affect GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif on_tpu_vm():
+    jax.distributed.initialize()  # the TPU environment names the coordinator and workers
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  from ease_jax.config import load_config
+  from ease_jax.errors import UserError
+  try:
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    init_distributed(args)
+    from ease_jax.train import loop  # after distributed init, before any device use
+    try:
+      result = loop.train(cfg)
+    except loop.NonFiniteLossError as e:  # a diverged run, not a bug: no traceback
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  except UserError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted; run the same command again to resume from the last checkpoint",
+          file=sys.stderr)
+    return 130
+  if result.is_primary:
+    print(result.summary())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
