@@ -179,6 +179,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return _convert(value, next(a for a in args if a is not type(None)), key)
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+    try:
+      return float(value)
+    except ValueError:
+      pass
   if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
     return str(value)
   if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -68,3 +68,7 @@ def test_yaml_is_loaded_safely(tmp_path):
   evil.write_text("run_dir: !!python/object/apply:os.system ['echo pwned']\n")
   with pytest.raises(ConfigError, match="not valid YAML"):
     load_config(evil)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+  assert load_config(None, ["train.lr=1e-5"]).train.lr == 1e-5
