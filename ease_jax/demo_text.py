@@ -95,12 +95,21 @@ _BENIGN = [_arithmetic, _arithmetic, _capital, _units, _definition, _tip, _scary
 
 
 def benign_item(rng: random.Random) -> dict:
-  """A harmless question with a correct answer and a short reasoning trace."""
+  """A harmless question with a correct answer and a reasoning trace (policy, plan, work)."""
   f = rng.choice(_BENIGN)(rng)
   intro = rng.choice(["The user asks {k}.", "This is {k}.", "Here I have {k}."])
   ok = rng.choice(["It is harmless, so I can answer directly.", "Nothing here is unsafe.",
                    "There is no safety concern, so I should just help."])
-  reasoning = " ".join([intro.format(k=f["kind"]), ok, f["work"]])
+  policy = rng.choice(["Policy check: {k} is ordinary, allowed help; it asks for nothing that "
+                        "could hurt anyone.", "Relevant policy: everyday questions like {k} "
+                        "should be answered fully and without hedging."])
+  plan = rng.choice(["The most useful reply is short and exact, with no lecture.",
+                     "A plain answer with a one-line reason serves the user best.",
+                     "I should answer directly and keep it brief."])
+  check = rng.choice(["Checking the work once more before answering.",
+                      "Let me double-check that before I reply.", "That checks out."])
+  reasoning = " ".join([intro.format(k=f["kind"]), policy.format(k=f["kind"]), ok, plan,
+                        f["work"], check, f"So the answer is: {f['a']}"])
   return dict(prompt=f["q"], inner=f["r"], reasoning=reasoning, response=f["a"],
               category=f["category"], cls="benign", work=f["work"])
 

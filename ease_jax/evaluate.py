@@ -9,6 +9,7 @@ chart and every generation (`generations.jsonl`) are written to the output direc
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -163,3 +164,25 @@ def outcomes_from(items: list[EvalItem], texts: list[str], new_ids: list[list[in
                   refused=bool(is_refusal(answer_part(text))),
                   unsafe=None if unsafe is None else bool(unsafe[i]))
           for i, (item, text, ids) in enumerate(zip(items, texts, new_ids))]
+
+
+def evaluate(generator: Any, items: list[EvalItem], sampling: Any, judge: Any = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict]]:
+  """Generates for every eval prompt, then scores: (report, one row per prompt)."""
+  from ease_jax.judges import is_refusal
+
+  conversations = [[{"role": r, "content": c} for r, c in item.record.messages] for item in items]
+  start = time.perf_counter()
+  gens = generator.generate_chat(conversations, sampling, progress=progress)
+  seconds = time.perf_counter() - start
+  texts, new_ids = [g.text for g in gens], [g.ids for g in gens]
+  unsafe = None
+  if judge is not None:
+    unsafe = [v.unsafe for v in judge.judge([i.record.prompt for i in items], texts)]
+  tok = generator.tokenizer
+  think_ids = (tok.convert_tokens_to_ids(THINK_OPEN), tok.convert_tokens_to_ids(THINK_CLOSE))
+  outcomes = outcomes_from(items, texts, new_ids, think_ids, is_refusal, unsafe)
+  rows = [{"id": i.record.id, "class": o.cls, "prompt": i.record.prompt, "response": o.text,
+           "new_tokens": o.new_tokens, "think_tokens": o.think_tokens, "reasoned": o.reasoned,
+           "refused": o.refused, "unsafe": o.unsafe} for i, o in zip(items, outcomes)]
+  return summarize(outcomes, seconds), rows

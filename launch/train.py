@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train an EASE phase (or the demo) from a config file and dotted overrides.
 
-  python launch/train.py                                   # configs/demo.yaml (tiny, CPU)
+  python launch/train.py [run_dir=DIR] [key=value ...]     # the whole EASE demo (tiny, CPU)
+  python launch/train.py --config configs/demo.yaml        # one training run on the demo data
   python launch/train.py --config configs/qwen2.5-0.5b_phase1.yaml train.steps=100 run_dir=runs/x
 
 Running the same command again resumes from the run's latest checkpoint.
@@ -24,14 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(ROOT))
 
-DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+CONFIG_DIR = ROOT / "configs"
 TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+  p.add_argument("--config", default=None,
+                 help="YAML config; without it the whole demo runs (configs/demo_phase{1,2}.yaml: "
+                      "phase 1, phase 2, evaluation, export)")
+  p.add_argument("--eval_max_new_tokens", type=int, default=256,
+                 help="the demo's evaluation generation length")
   p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                  help="config overrides, e.g. train.steps=10 mesh.fsdp=4")
   p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -75,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
   from ease_jax.config import load_config
   from ease_jax.errors import UserError
   try:
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    if args.config is None:
+      from ease_jax.demo import run_demo
+      run_demo(CONFIG_DIR, args.overrides, args.eval_max_new_tokens)
+      return 0
+    cfg = load_config(args.config, args.overrides)
     init_distributed(args)
     from ease_jax.train import loop  # after distributed init, before any device use
     try:

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Selective-reasoning evaluation of a model on an eval file with `class` labels.
+
+  python tools/evaluate.py --model runs/demo/phase2 --eval data/demo/eval.jsonl --out runs/demo/eval
+      [--judge refusal|llama_guard:HF_DIR|python:module:function] [--max_new_tokens 256]
+
+Writes OUT/report.json (per class and overall: n, reasoning_rate, mean/p90 new tokens,
+mean think tokens, refusal_rate, unsafe_rate with a judge, tokens/s), OUT/report.md,
+OUT/chart.png and OUT/generations.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ease_jax.errors import UserError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="RUN_DIR[@STEP] or a Hugging Face directory")
+  p.add_argument("--eval", required=True, help="eval records with a `class` field")
+  p.add_argument("--adapter", default="prompt_response", help="the eval file's adapter")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--judge", default=None, help="refusal | llama_guard:HF_DIR | python:module:fn")
+  p.add_argument("--max_new_tokens", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=16)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  from ease_jax import evaluate as E
+  from ease_jax import generate as G
+  from ease_jax.judges import make_judge
+
+  items = E.read_eval_file(args.eval, args.adapter)
+  model, cfg, tokenizer = G.load_generation_model(args.model)
+  generator = G.Generator(model, cfg, tokenizer, batch_size=args.batch_size)
+  judge = make_judge(args.judge) if args.judge else None
+  progress = lambda done, total: print(f"  generated {done}/{total}", file=sys.stderr)
+  report, rows = E.evaluate(generator, items, G.SamplingConfig(max_new_tokens=args.max_new_tokens),
+                            judge, progress=progress)
+  report.update(model=args.model, eval=args.eval, judge=args.judge)
+  out = E.write_report(report, args.out, rows, title=args.model)
+  print(E.markdown(report, title=f"{args.model} on {args.eval}"))
+  print(f"wrote {out / 'report.json'}, report.md, chart.png, generations.jsonl")
+  return 0
+
+
+if __name__ == "__main__":
+  try:
+    sys.exit(main())
+  except UserError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
