@@ -1,0 +1,104 @@
+"""The benchmark scripts at their smallest sizes (no timing assertions), and their helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "tools" / "bench"
+_PATH = list(sys.path)
+sys.path.insert(0, str(BENCH))  # the scripts are not a package
+
+import accelerator  # noqa: E402
+import common  # noqa: E402
+import train_vs_reference as tvr  # noqa: E402
+
+sys.path[:] = _PATH  # so tools/bench/data.py cannot shadow anything for the other tests
+
+
+def _run(script: str, *args: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+  proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                        text=True, timeout=600, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ease_mix_lengths_and_kinds():
+  rows = common.ease_mix(300, seed=1)
+  kinds = [r["target_type"] for r in rows]
+  assert set(kinds) == set(common.KINDS)
+  assert all(("reasoning" in r) == (r["target_type"] == "reasoning") for r in rows)
+  think = [len(r["reasoning"].split()) for r in rows if "reasoning" in r]
+  direct = [len(r["response"].split()) for r in rows if r["target_type"] == "refusal"]
+  assert np.mean(think) > 3 * np.mean(direct)  # long reasoning, short direct answers
+  short = common.ease_mix(300, seed=1, scale=0.1)
+  assert np.mean([len(r["prompt"]) for r in short]) < np.mean([len(r["prompt"]) for r in rows])
+
+
+def test_padded_batches_match_reference_labels():
+  ex = [tvr.Example(np.arange(3, 13, dtype=np.int32), 6), tvr.Example(np.arange(20, 25), 2)]
+  (b,) = tvr.padded_batches(ex, batch_size=2, max_len=16)
+  t, e = b["torch"], b["ease"]
+  assert (t["attention_mask"].sum(1) == [10, 5]).all()
+  # HF shifts labels inside the model: position t is trained on labels[t + 1].
+  shifted = t["labels"][:, 1:] != -100
+  assert (e["loss_weight"][:, :-1] == shifted).all() and e["loss_weight"][:, -1].sum() == 0
+  assert (e["targets"][:, :-1][shifted] == t["labels"][:, 1:][shifted]).all()
+  assert b["supervised"] == sum(x.supervised for x in ex) == 10 - 6 + 5 - 2
+
+
+def test_packed_batch_layout():
+  b = accelerator.packed_batch(3, 512, vocab=100)
+  seg, pos = b["segment_ids"], b["positions"]
+  assert (seg > 0).all() and b["tokens"].max() < 100
+  starts = np.diff(seg, axis=1, prepend=0) != 0
+  assert (pos[starts] == 0).all() and (np.diff(pos, axis=1)[~starts[:, 1:]] == 1).all()
+  assert 0 < b["loss_weight"].mean() < 1
+
+
+def test_is_oom():
+  assert accelerator.is_oom("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+  assert not accelerator.is_oom(ValueError("shape mismatch"))
+
+
+def test_train_vs_reference_smoke():
+  res = _run("train_vs_reference.py", "--smoke")
+  assert res["bench"] == "train_vs_reference" and res["smoke"]
+  # Same weights, same padded batch: the two frameworks compute the same first loss.
+  loss = res["first_step_loss"]
+  assert math.isclose(loss["reference"], loss["ease_padded"], rel_tol=1e-4), loss
+  assert res["packed_supervised_tokens"] == res["supervised_tokens_per_epoch"]
+  assert res["steps_per_epoch"]["ease_packed"] <= res["steps_per_epoch"]["reference"]
+  assert all(v > 0 for v in res["epoch_s"].values())
+  assert res["ratio_b_over_a"] > 0 and res["ratio_c_jax_over_torch"] > 0
+
+
+def test_accelerator_smoke():
+  res = _run("accelerator.py", "--smoke", "--remat", "on")
+  (r,) = res["results"]
+  assert "error" not in r, r
+  assert r["remat"] and math.isfinite(r["loss"]) and r["step_s"] > 0
+  assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+
+
+def test_accelerator_refuses_cpu_without_smoke():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(BENCH / "accelerator.py")], capture_output=True,
+                        text=True, timeout=120, env=env, cwd=REPO)
+  assert proc.returncode == 2 and "--smoke" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_vs_reference.py", "accelerator.py"])
+def test_help_names_the_command(script):
+  proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
+                        text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 0 and f"tools/bench/{script}" in proc.stdout

@@ -1,0 +1,251 @@
+"""Train-step throughput and MFU on a GPU or TPU: Qwen2.5-0.5B / 1.5B shapes, packed rows.
+
+  python tools/bench/accelerator.py                       # GPU/TPU: both shapes, all choices
+  python tools/bench/accelerator.py --models qwen2.5-1.5b --attention cudnn --remat off
+  python tools/bench/accelerator.py --smoke               # CPU: a tiny shape, checks it works
+
+Random weights (float32 master copy, bfloat16 compute), the real loss and the real jitted
+train step (`ease_jax.train.step.compile_train_step`, AdamW) on packed rows of `--seq-len`
+tokens (documents of EASE-like lengths, positions restarting per document). Every
+configuration (model x remat x attention; cudnn only on NVIDIA GPUs) runs in its own
+subprocess, so its peak device memory (`device.memory_stats()`) is its own and an
+out-of-memory error or a crash fails that configuration only (it is retried once at half the
+batch, then reported). Configurations that would start after `--budget-s` are skipped, so the
+whole run ends in under 8 minutes. MFU uses the training metric's formula:
+`DecoderConfig.flops_per_token(seq_len) * tokens/s / (peak bf16 FLOP/s * devices)`, with the
+peaks of `ease_jax.metrics`. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the repository root on sys.path)
+import numpy as np  # noqa: E402
+
+MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b")
+DEFAULT_BATCH = {"qwen2.5-0.5b": 8, "qwen2.5-1.5b": 4, "tiny": 2}  # rows per device
+RESULT = "RESULT "
+_OOM = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--models", nargs="+", default=list(MODELS))
+  ap.add_argument("--seq-len", type=int, default=4096)
+  ap.add_argument("--batch-size", type=int, default=0,
+                  help="rows per device; 0 = per model (0.5b: 8, 1.5b: 4)")
+  ap.add_argument("--remat", nargs="+", choices=("off", "on"), default=["off", "on"])
+  ap.add_argument("--attention", nargs="+", choices=("xla", "cudnn"), default=["cudnn", "xla"],
+                  help="cudnn is used only on NVIDIA GPUs")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
+  ap.add_argument("--budget-s", type=float, default=450.0,
+                  help="start no configuration after this many seconds")
+  ap.add_argument("--smoke", action="store_true", help="CPU: tiny shape, short rows, 1 step")
+  ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.smoke:
+    args.models, args.seq_len, args.steps, args.warmup = ["tiny"], 256, 1, 1
+    args.attention = ["xla"]
+  return args
+
+
+def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch in ease_jax.batch's layout: rows packed with documents of EASE-like lengths."""
+  rng = np.random.default_rng(seed)
+  shape = (batch, seq_len)
+  seg, pos = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  weight = np.zeros(shape, np.float32)
+  objective = np.zeros(shape, np.int32)
+  for r in range(batch):
+    t, doc = 0, 1
+    while t < seq_len:
+      kind = rng.choice(3, p=common.KIND_P)
+      n = min(seq_len - t, int(rng.integers(100, 2200 if kind == 0 else 800)))
+      prompt = min(n - 1, int(rng.integers(15, 300)))
+      seg[r, t:t + n], pos[r, t:t + n] = doc, np.arange(n)
+      weight[r, t + prompt:t + n], objective[r, t:t + n] = 1.0, kind
+      t, doc = t + n, doc + 1
+  tokens = rng.integers(0, vocab, shape, dtype=np.int32)
+  return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": seg,
+          "positions": pos, "loss_weight": weight, "objective": objective,
+          "span": np.ones(shape, np.int32)}
+
+
+def peak_memory_bytes() -> int | None:
+  """The largest peak_bytes_in_use over local devices (None where the backend has no stats)."""
+  import jax
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_len: int,
+            steps: int, warmup: int) -> dict:
+  """One configuration, in this process: compile, warm up, time `steps` steps."""
+  import jax
+  from flax import nnx
+  from ease_jax import metrics, sharding
+  from ease_jax.config import Config, TrainConfig
+  from ease_jax.models import Decoder, get_preset
+  from ease_jax.train import optim, step as step_lib
+  cfg_m = get_preset(model).replace(compute_dtype="bfloat16", param_dtype="float32",
+                                    remat=remat, attention=attention)
+  ndev = jax.device_count()
+  cfg = Config(train=TrainConfig(batch_size=batch_per_device * ndev, seq_len=seq_len))
+  mesh = sharding.make_mesh(cfg.mesh)
+  total = warmup + steps
+  tx = optim.make_optimizer(cfg.train, total)
+  with jax.set_mesh(mesh):
+    model_ = Decoder(cfg_m, rngs=nnx.Rngs(0))
+    graphdef, state = step_lib.init_state(model_, tx, 0)
+    del model_
+    state = jax.device_put(state, step_lib.state_shardings(mesh, state))
+    fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
+                                     optim.make_schedule(cfg.train, total))
+    host = packed_batch(cfg.train.batch_size, seq_len, cfg_m.vocab_size)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
+    compiled, compile_s = common.timed(lambda: fn.lower(state, batch).compile())
+    for _ in range(max(1, warmup)):  # the first call also loads the executable
+      state, m = compiled(state, batch)
+    float(m["loss/total"])
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, batch)
+    loss = float(m["loss/total"])  # waits for the last step
+    step_s = (time.perf_counter() - start) / steps
+  tokens_per_s = cfg.train.batch_size * seq_len / step_s
+  flops = cfg_m.flops_per_token(seq_len)
+  peak = metrics.peak_flops_per_device()
+  mem = compiled.memory_analysis()
+  return {"step_s": step_s, "tokens_per_s_per_device": tokens_per_s / ndev,
+          "mfu": metrics.mfu(flops, tokens_per_s, ndev, peak), "loss": loss,
+          "peak_memory_bytes": peak_memory_bytes(), "compile_s": compile_s,
+          "temp_bytes_compiled": getattr(mem, "temp_size_in_bytes", None) if mem else None,
+          "batch_per_device": batch_per_device, "devices": ndev, "flops_per_token": flops,
+          "params": cfg_m.num_params(), "device_kind": jax.devices()[0].device_kind}
+
+
+def is_oom(error: BaseException | str) -> bool:
+  """Whether an exception (or its text) is an out-of-memory failure."""
+  return any(s in str(error) for s in _OOM)
+
+
+def child(spec: dict) -> None:
+  """Runs one configuration; on OOM retries once at half the batch. Prints RESULT {json}."""
+  batch = spec["batch_per_device"]
+  while True:
+    try:
+      out = measure(spec["model"], spec["remat"], spec["attention"], batch, spec["seq_len"],
+                    spec["steps"], spec["warmup"])
+      break
+    except Exception as e:  # noqa: BLE001 - any failure is reported, the parent continues
+      if not is_oom(e) or batch == 1 or batch < spec["batch_per_device"]:
+        out = {"error": f"{'out of memory' if is_oom(e) else type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else ''}", "oom": is_oom(e),
+               "batch_per_device": batch}
+        break
+      print(f"out of memory at batch {batch} per device; retrying at {batch // 2}", flush=True)
+      batch //= 2
+  print(RESULT + json.dumps(out, default=str), flush=True)
+
+
+def probe() -> dict:
+  """Platform and device kind, asked of a subprocess: the parent must not hold the devices."""
+  code = ("import json, jax; d = jax.devices()[0]; print(json.dumps({'platform': d.platform, "
+          "'device_kind': d.device_kind, 'devices': jax.device_count(), 'jax': jax.__version__, "
+          "'platform_version': d.client.platform_version}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def configs(args: argparse.Namespace, device: dict) -> list[dict]:
+  """Every (model, attention, remat) to run, most important first (1.5B before 0.5B)."""
+  # ROCm GPUs are platform "gpu" too; the CUDA runtime shows in the platform version.
+  kind = device["device_kind"].lower()
+  nvidia = device["platform"] == "gpu" and (
+      "cuda" in device["platform_version"].lower()
+      or any(n in kind for n in ("nvidia", "h100", "h200", "a100", "b200", "l40", "l4", "rtx")))
+  attention = [a for a in args.attention if a != "cudnn" or nvidia]
+  order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
+  return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
+           "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),
+           "steps": args.steps, "warmup": args.warmup}
+          for m in order for a in attention for r in args.remat]
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+  """One configuration in a fresh Python; failures and timeouts become an `error` entry."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+  if lines:
+    return json.loads(lines[-1][len(RESULT):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return {"error": f"exit {proc.returncode}" + ("; out of memory" if is_oom(proc.stderr) else "")
+                   + f": {' | '.join(tail)[:400]}", "oom": is_oom(proc.stderr)}
+
+
+def report(results: list[dict], device: dict) -> None:
+  """The human table."""
+  print(f"device: {device['devices']} x {device['device_kind']} ({device['platform']}), "
+        f"jax {device['jax']}")
+  rows = []
+  for r in results:
+    mem = r.get("peak_memory_bytes")
+    mfu = r.get("mfu")
+    rows.append([r["model"], "on" if r["remat"] else "off", r["attention"],
+                 r.get("batch_per_device"), r.get("step_s"), r.get("tokens_per_s_per_device"),
+                 None if mfu is None else f"{100 * mfu:.1f}%",
+                 None if mem is None else f"{mem / 2**30:.1f}", r.get("compile_s"),
+                 r.get("error", "ok")[:60]])
+  common.print_table(["model", "remat", "attention", "batch/dev", "step s", "tokens/s/dev", "MFU",
+                      "peak GiB", "compile s", "status"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  if args.child:
+    child(json.loads(args.child))
+    return {}
+  start = time.perf_counter()
+  device = probe()
+  if device["platform"] == "cpu" and not args.smoke:
+    print("error: no GPU or TPU found; on CPU run with --smoke (a tiny shape that only checks "
+          "the script works)", file=sys.stderr)
+    sys.exit(2)
+  results, skipped = [], []
+  for spec in configs(args, device):
+    left = args.budget_s - (time.perf_counter() - start)
+    if left <= 0:
+      skipped.append(spec)
+      print(f"skipped (time budget): {spec['model']} remat={spec['remat']} "
+            f"attention={spec['attention']}", flush=True)
+      continue
+    res = spec | run_child(spec, timeout=left + 60)
+    status = res.get("error") or f"{res['step_s']:.3f} s/step"
+    print(f"{spec['model']} remat={spec['remat']} attention={spec['attention']}: {status}",
+          flush=True)
+    results.append(res)
+  out = {"bench": "accelerator", "device": device, "cpu": common.cpu_model(),
+         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "seq_len": args.seq_len,
+         "smoke": args.smoke, "results": results, "skipped": skipped,
+         "wall_s": time.perf_counter() - start}
+  report(results, device)
+  common.emit_json(out)
+  return out
+
+
+if __name__ == "__main__":
+  main()

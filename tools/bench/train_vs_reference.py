@@ -1,0 +1,337 @@
+"""Training throughput: ease-jax (packed) against the reference PyTorch recipe (padded), on CPU.
+
+  python tools/bench/train_vs_reference.py                 # the default comparison (minutes)
+  python tools/bench/train_vs_reference.py --smoke         # a tiny run that only checks it works
+
+Same model shape, same records, same optimizer settings, one process, the cores it may use:
+  (a) reference: transformers Qwen2ForCausalLM in PyTorch (eager, SDPA attention), AdamW with
+      global-norm clipping and warmup + cosine, completion-only labels (-100 off the assistant
+      turn), every example padded to max_length = the longest example rounded up to 8 (the
+      reference recipe pads to 8,192). A hand loop doing what transformers' Trainer does per step.
+  (b) ease-jax: the real data pipeline (render, grain first-fit packing into rows of max_length)
+      feeding the real jitted train step (`compile_train_step`); pipeline time counts.
+  (c) kernel speed: the ease-jax train step on exactly the padded batches of (a).
+The three run step by step interleaved in one process, so they see the same machine load.
+PyTorch gets as many intra-op threads as XLA:CPU uses (the cores this process may run on), with
+OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads are slow on shared cores).
+Both frameworks start from the same random weights (saved by transformers, loaded by
+`ease_jax.hf`); the first-step losses on the same batch are printed as a check. Loss: the
+plain token mean (`loss.normalize=token`), which is what the reference optimizes. Every timed
+epoch excludes compilation (reported separately) and one warm-up step. Each round is one such
+interleaved epoch of all three; the figures are medians over rounds (ratios are taken within a
+round first). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# PyTorch's OpenMP threads spin while waiting; on cores shared with other processes that
+# spinning made the reference 3-4x slower in our runs, so let them sleep (before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the repository root on sys.path)
+import numpy as np  # noqa: E402
+
+GOAL_B_OVER_A, GOAL_C = 4.0, 1.0
+
+
+@dataclass
+class Example:
+  """A rendered example: token ids (ending with end-of-turn); ids[start:] are supervised."""
+  ids: np.ndarray
+  start: int
+
+  @property
+  def supervised(self) -> int:
+    return len(self.ids) - self.start
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--examples", type=int, default=32, help="records per epoch")
+  ap.add_argument("--scale", type=float, default=0.5,
+                  help="length scale of the mix (1.0 = tools/bench/data.py lengths)")
+  ap.add_argument("--batch-size", type=int, default=2, help="rows per step, padded and packed")
+  ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (a)+(c), (b)")
+  ap.add_argument("--hidden", type=int, default=256)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--heads", type=int, default=4)
+  ap.add_argument("--kv-heads", type=int, default=2)
+  ap.add_argument("--intermediate", type=int, default=704)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--smoke", action="store_true", help="tiny everything: checks that it runs")
+  args = ap.parse_args(argv)
+  if args.smoke:
+    args.examples, args.scale, args.rounds = 4, 0.05, 1
+    args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 32, 1, 2, 1, 64
+  if args.examples < args.batch_size:
+    ap.error("--examples must be at least --batch-size")
+  return args
+
+
+def render(records, tok) -> list[Example]:
+  """The records rendered once by ease-jax's renderer (the reference tokenizes them the same)."""
+  from ease_jax.data.render import Renderer
+  renderer = Renderer(tok)
+  return [Example(r.ids, r.start) for r in map(renderer.render, records)]
+
+
+def padded_batches(examples: list[Example], batch_size: int, max_len: int) -> list[dict]:
+  """Rows padded to max_len, in both layouts: the reference's (input_ids, attention_mask,
+  labels) and ease_jax.batch's (tokens, targets, ...). The same positions in both."""
+  out = []
+  for i in range(0, len(examples) - batch_size + 1, batch_size):
+    ids = np.zeros((batch_size, max_len), np.int64)
+    labels = np.full((batch_size, max_len), -100, np.int64)
+    mask = np.zeros((batch_size, max_len), np.int64)
+    for row, ex in enumerate(examples[i:i + batch_size]):
+      n = len(ex.ids)
+      ids[row, :n], mask[row, :n] = ex.ids, 1
+      labels[row, ex.start:n] = ex.ids[ex.start:]
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    weight = np.zeros(ids.shape, np.float32)
+    weight[:, :-1] = labels[:, 1:] != -100  # row t predicts token t+1, as in the HF shift
+    ease = {"tokens": ids.astype(np.int32), "targets": targets.astype(np.int32),
+            "segment_ids": mask.astype(np.int32),
+            "positions": np.broadcast_to(np.arange(max_len, dtype=np.int32), ids.shape).copy(),
+            "loss_weight": weight, "objective": np.zeros(ids.shape, np.int32),
+            "span": np.ones(ids.shape, np.int32)}
+    out.append({"torch": {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                "ease": ease, "supervised": int(weight.sum())})
+  return out
+
+
+def model_config(args: argparse.Namespace, vocab: int):
+  """The shared small Qwen2 shape."""
+  from ease_jax.models import DecoderConfig
+  return DecoderConfig(family="qwen2", vocab_size=vocab, hidden_size=args.hidden,
+                       intermediate_size=args.intermediate, num_layers=args.layers,
+                       num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       head_dim=args.hidden // args.heads, rope_theta=1e6,
+                       max_position_embeddings=8192, tie_embeddings=True, qkv_bias=True)
+
+
+def torch_reference(mcfg, directory: str, seed: int):
+  """A random transformers Qwen2ForCausalLM in float32, saved to `directory` for ease-jax."""
+  import torch
+  import transformers
+  from ease_jax.export import hf_config
+  torch.manual_seed(seed)
+  hf = transformers.Qwen2Config(**hf_config(mcfg, "float32"))
+  model = transformers.Qwen2ForCausalLM(hf).float()
+  model.save_pretrained(directory)
+  return model
+
+
+def torch_trainer(model, train_cfg, total_steps: int):
+  """The reference step: forward with labels, backward, clip, AdamW, LR schedule."""
+  import torch
+  import transformers
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr,
+                          betas=(train_cfg.adam_b1, train_cfg.adam_b2), eps=train_cfg.adam_eps)
+  sched = transformers.get_cosine_schedule_with_warmup(
+      opt, math.ceil(train_cfg.warmup_ratio * total_steps), total_steps)
+  model.train()
+
+  def step(batch: dict) -> float:
+    out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+  return step
+
+
+class JaxTrainer:
+  """The ease-jax train step compiled for [batch, max_len]; holds the donated state."""
+
+  def __init__(self, directory: str, cfg, total_steps: int, example_batch: dict):
+    import jax
+    from ease_jax import hf, sharding
+    from ease_jax.train import optim, step as step_lib
+    model, _ = hf.load_pretrained(directory)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    tx = optim.make_optimizer(cfg.train, total_steps)
+    graphdef, state = step_lib.init_state(model, tx, cfg.train.seed)
+    self.state = jax.device_put(state, step_lib.state_shardings(self.mesh, state))
+    fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state,
+                                     optim.make_schedule(cfg.train, total_steps))
+    self.step_fn, self.compile_s = common.timed(
+        lambda: fn.lower(self.state, example_batch).compile())
+
+  def dispatch(self, batch: dict) -> dict:
+    """Starts one step; returns its (device) metrics without waiting."""
+    self.state, metrics = self.step_fn(self.state, batch)
+    return metrics
+
+  def step(self, batch: dict) -> float:
+    """One step, waited for; returns its loss."""
+    return float(self.dispatch(batch)["loss/total"])
+
+
+def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packed: JaxTrainer,
+                      pipeline, n_packed: int) -> dict:
+  """One epoch of each run, step by step interleaved so all three see the same machine load:
+  each padded batch through (a) the torch step and (c) the jax step, and the `n_packed`
+  batches of (b) spread evenly among them. (b)'s time includes fetching each batch from the
+  pipeline (rendering and packing) and waiting for each step, so nothing overlaps: it errs slow."""
+  t_ref, t_pad, t_pack = common.Timer(), common.Timer(), common.Timer()
+  it = iter(pipeline)
+  for i, b in enumerate(batches):
+    with t_ref:
+      torch_step(b["torch"])
+    with t_pad:
+      padded.step(b["ease"])
+    while t_pack.count < math.ceil((i + 1) * n_packed / len(batches)):
+      with t_pack:
+        packed.step(next(it))
+  if next(it, None) is not None:
+    raise RuntimeError("the pipeline yielded more batches than on its first pass")
+  return {"reference_s": t_ref.seconds, "ease_padded_s": t_pad.seconds,
+          "ease_packed_s": t_pack.seconds}
+
+
+def setup(args: argparse.Namespace, directory: str) -> dict:
+  """Records, tokenizer, max_length, batches and both frameworks' models."""
+  import torch
+  from ease_jax.config import Config, DataConfig, LossConfig, TrainConfig
+  from ease_jax.data import pipeline as pl
+  from ease_jax.data.records import load_records
+  from ease_jax.tokenizer import ensure_think_tokens, load_tokenizer
+  torch.set_num_threads(common.cores())  # XLA:CPU's thread pool spans the same cores
+  tok = load_tokenizer("")
+  ensure_think_tokens(tok)
+  sources = common.write_sources(directory, common.ease_mix(args.examples, args.seed, args.scale))
+  examples = render(load_records(sources[0]), tok)
+  max_len = 8 * math.ceil(max(len(e.ids) for e in examples) / 8)
+  train = TrainConfig(batch_size=args.batch_size, seq_len=max_len, seed=args.seed)
+  cfg = Config(data=DataConfig(train=sources), train=train, loss=LossConfig(normalize="token"))
+  make_pipeline = lambda: pl.Pipeline(cfg.data, tok, max_len, args.batch_size, args.seed,
+                                      num_epochs=1)
+  first = make_pipeline()
+  packed_batches, pipeline_s = common.timed(lambda: sum(1 for _ in iter(first)))
+  batches = padded_batches(examples, args.batch_size, max_len)
+  mcfg = model_config(args, len(tok))
+  return {"cfg": cfg, "mcfg": mcfg, "examples": examples[:len(batches) * args.batch_size],
+          "max_len": max_len, "batches": batches, "make_pipeline": make_pipeline,
+          "packed_batches": packed_batches, "pipeline_s": pipeline_s,
+          "torch_model": torch_reference(mcfg, os.path.join(directory, "model"), args.seed)}
+
+
+def run_rounds(args: argparse.Namespace, s: dict, directory: str) -> dict:
+  """Compile and one warm-up step each, then `rounds` interleaved epochs of (a), (b), (c)."""
+  model_dir = os.path.join(directory, "model")
+  padded_steps = args.rounds * len(s["batches"]) + 1  # the schedules cover the warm-up step
+  torch_step = torch_trainer(s["torch_model"], s["cfg"].train, padded_steps)
+  padded = JaxTrainer(model_dir, s["cfg"], padded_steps, s["batches"][0]["ease"])
+  packed = JaxTrainer(model_dir, s["cfg"], args.rounds * s["packed_batches"] + 1,
+                      s["batches"][0]["ease"])
+  first = s["batches"][0]
+  warm_torch_loss, warm_torch_s = common.timed(lambda: torch_step(first["torch"]))
+  warm_jax_loss, warm_jax_s = common.timed(lambda: padded.step(first["ease"]))
+  packed.step(first["ease"])  # its warm-up step
+  per_round = []
+  for _ in range(args.rounds):
+    pipe = s["make_pipeline"]()
+    r = interleaved_epoch(s["batches"], torch_step, padded, packed, pipe, s["packed_batches"])
+    r["load_avg"] = common.load_average()
+    per_round.append(r)
+    stats = pipe.stats
+  return {"per_round": per_round, "packed_stats": stats,
+          "compile_s": {"ease_padded": padded.compile_s, "ease_packed": packed.compile_s},
+          "warmup_step_s": {"reference": warm_torch_s, "ease_padded": warm_jax_s},
+          "first_step_loss": {"reference": warm_torch_loss, "ease_padded": warm_jax_loss}}
+
+
+def summarize(args: argparse.Namespace, s: dict, r: dict) -> dict:
+  """Medians over rounds, tokens/s and the ratios (per round, then the median)."""
+  rounds = r["per_round"]
+  med = lambda key: float(np.median([x[key] for x in rounds]))
+  supervised = sum(e.supervised for e in s["examples"])
+  stats = r["packed_stats"]
+  epoch = {k: med(k + "_s") for k in ("reference", "ease_packed", "ease_padded")}
+  mcfg = s["mcfg"]
+  return {
+      "bench": "train_vs_reference", "machine": common.machine(),
+      "torch_threads": common.cores(), "xla_cpu_threads": common.cores(),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+      "model": {"hidden": mcfg.hidden_size, "layers": mcfg.num_layers, "heads": mcfg.num_heads,
+                "kv_heads": mcfg.num_kv_heads, "head_dim": mcfg.head_dim,
+                "intermediate": mcfg.intermediate_size, "vocab": mcfg.vocab_size,
+                "params": mcfg.num_params()},
+      "examples": len(s["examples"]), "scale": args.scale, "max_length": s["max_len"],
+      "batch_size": args.batch_size, "rounds": args.rounds, "smoke": args.smoke,
+      "mean_example_tokens": float(np.mean([len(e.ids) for e in s["examples"]])),
+      "supervised_tokens_per_epoch": supervised,
+      "steps_per_epoch": {"reference": len(s["batches"]), "ease_packed": s["packed_batches"]},
+      "packing_efficiency": stats.packing_efficiency,
+      "packed_supervised_tokens": stats.supervised_tokens,
+      "pipeline_only_s": s["pipeline_s"],
+      "epoch_s": epoch,
+      "supervised_tokens_per_s": {k: supervised / v for k, v in epoch.items()},
+      "ratio_b_over_a": float(np.median([x["reference_s"] / x["ease_packed_s"] for x in rounds])),
+      "ratio_c_jax_over_torch": float(np.median([x["reference_s"] / x["ease_padded_s"]
+                                                 for x in rounds])),
+      "goals": {"b_over_a": GOAL_B_OVER_A, "c": GOAL_C},
+      "compile_s": r["compile_s"], "warmup_step_s": r["warmup_step_s"],
+      "first_step_loss": r["first_step_loss"], "per_round": rounds}
+
+
+def report(res: dict) -> None:
+  """The human table; the JSON line follows it."""
+  m, sup, ep = res["model"], res["supervised_tokens_per_s"], res["epoch_s"]
+  print(f"model: qwen2 shape, hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads "
+        f"({m['kv_heads']} kv), vocab {m['vocab']}, {m['params']:,} params, float32")
+  print(f"data: {res['examples']} examples (mean {res['mean_example_tokens']:.0f} tokens), "
+        f"max_length {res['max_length']} (reference pads to it; ease-jax packs rows of it, "
+        f"{100 * res['packing_efficiency']:.1f}% full), batch {res['batch_size']} rows, "
+        f"{res['supervised_tokens_per_epoch']:,} supervised tokens per epoch")
+  print(f"threads: torch {res['torch_threads']} (OMP_WAIT_POLICY={res['omp_wait_policy']}) = "
+        f"XLA:CPU {res['xla_cpu_threads']} "
+        f"({res['machine']['cpu']}); load avg per round: "
+        f"{[x['load_avg'] for x in res['per_round']]}")
+  steps = res["steps_per_epoch"]
+  common.print_table(
+      ["run", "steps/epoch", "epoch s", "supervised tok/s"],
+      [["(a) reference torch, padded", steps["reference"], ep["reference"], sup["reference"]],
+       ["(b) ease-jax, packed", steps["ease_packed"], ep["ease_packed"], sup["ease_packed"]],
+       ["(c) ease-jax, same padded batches", steps["reference"], ep["ease_padded"],
+        sup["ease_padded"]]])
+  print(f"b/a = {res['ratio_b_over_a']:.2f} (goal >= {GOAL_B_OVER_A}); c = jax/torch on the same "
+        f"padded batches = {res['ratio_c_jax_over_torch']:.2f} (goal >= {GOAL_C})")
+  c, w, lo = res["compile_s"], res["warmup_step_s"], res["first_step_loss"]
+  print(f"not in the epochs: compile {c['ease_padded']:.1f} s (padded) / {c['ease_packed']:.1f} s "
+        f"(packed); warm-up step torch {w['reference']:.2f} s, jax {w['ease_padded']:.2f} s; "
+        f"pipeline alone {res['pipeline_only_s']:.2f} s per epoch (counted in (b))")
+  print(f"first-step loss on the same batch: torch {lo['reference']:.5f}, "
+        f"jax {lo['ease_padded']:.5f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  with tempfile.TemporaryDirectory() as d:
+    s = setup(args, d)
+    r = run_rounds(args, s, d)
+  res = summarize(args, s, r)
+  report(res)
+  common.emit_json(res)
+  return res
+
+
+if __name__ == "__main__":
+  main()
