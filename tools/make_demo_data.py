@@ -1,6 +1,9 @@
 """Writes the synthetic demo safety data (phase 1, phase 2 mix, eval, public-format samples).
 
-  python tools/make_demo_data.py [--out data/demo] [--seed 0]
+  python tools/make_demo_data.py [--out data/demo] [--seed 0] [--teachers]
+
+--teachers also writes OUT/teachers/{strong,weak,overcautious}.jsonl: synthetic teachers of
+different quality over the implant.jsonl prompts, for tools/select_teacher.py.
 """
 
 import argparse
@@ -9,14 +12,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ease_jax import demo_text  # noqa: E402
+from ease_jax import demo_teachers, demo_text  # noqa: E402
 
 
-def write(out: str, seed: int = 0) -> dict[str, int]:
-  """Writes every demo file under `out`; returns {file name: row count}."""
+def write(out: str, seed: int = 0, teachers: bool = False) -> dict[str, int]:
+  """Writes every demo file under `out` (and the teachers under out/teachers); {file: rows}."""
   os.makedirs(out, exist_ok=True)
   counts = {}
-  for name, rows in demo_text.build_demo_dataset(seed).items():
+  files = demo_text.build_demo_dataset(seed)
+  if teachers:
+    os.makedirs(os.path.join(out, "teachers"), exist_ok=True)
+    for name, rows in demo_teachers.build_teachers(files["implant.jsonl"], seed).items():
+      files[os.path.join("teachers", f"{name}.jsonl")] = rows
+  for name, rows in files.items():
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -28,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="data/demo")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--teachers", action="store_true",
+                      help="also write the synthetic teachers for tools/select_teacher.py")
   args = parser.parse_args(argv)
-  for name, n in write(args.out, args.seed).items():
+  for name, n in write(args.out, args.seed, args.teachers).items():
     print(f"{os.path.join(args.out, name)}: {n} rows")
   return 0
 
