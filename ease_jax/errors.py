@@ -1,5 +1,8 @@
 """User-facing errors: a mistake in a user's config, data or paths, not a bug."""
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
   """An error the user can fix; command-line tools print it without a traceback."""
@@ -19,3 +22,12 @@ class DataError(UserError):
 
 class ConfigError(UserError):
   """A bad config key, type or value; the message names the key and what is allowed."""
+
+
+def run_main(main: Callable[[], int]) -> int:
+  """Runs a command-line `main`: a UserError becomes one `error: ...` line and exit code 2."""
+  try:
+    return main()
+  except UserError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import checkpoint, export  # noqa: E402
-from ease_jax.errors import UserError  # noqa: E402
+from ease_jax.errors import run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-4
@@ -57,8 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sys.exit(run_main(main))

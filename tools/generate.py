@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ease_jax import generate as G  # noqa: E402
 from ease_jax.config import SourceConfig  # noqa: E402
 from ease_jax.data import records  # noqa: E402
-from ease_jax.errors import DataError, UserError  # noqa: E402
+from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
 
 ADAPTERS = ("auto", "prompts", *records.ADAPTERS)
 # First-row field -> the record adapter that reads it (checked in this order).
@@ -170,8 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sys.exit(run_main(main))
