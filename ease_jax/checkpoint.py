@@ -8,28 +8,52 @@ Layout: ``RUN_DIR/checkpoints/<step>/`` with four Orbax items:
   data          the grain iterator state, one JSON file per process
                 (grain's own Orbax handler: each host resumes its own shard)
   model_config  the DecoderConfig as JSON, so a checkpoint rebuilds its model
+  meta          JSON: a checksum of every array (verified on restore) and loop
+                counters that must survive a resume (skipped non-finite steps)
 
 Saves are asynchronous (device arrays are copied, then written in the
-background). Restores place every array with the shardings of the target
-state, so a checkpoint written on one mesh restores onto another.
+background). Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames
+it to ``<step>`` only when every item is written, so a save cut short by a kill
+is never listed as a step; such leftovers are deleted when the next run starts.
+A state holding NaN/Inf is never saved. Restores place every array with the
+shardings of the target state, so a checkpoint written on one mesh restores
+onto another. `restore_latest` falls back to the newest step that restores and
+verifies, and moves the damaged newer steps aside, naming what was wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import grain.checkpoint as grain_ckpt
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ease_jax.config import CheckpointConfig
 from ease_jax.errors import UserError
 from ease_jax.models import DecoderConfig
 
-ITEMS = ("params", "train", "data", "model_config")
+ITEMS = ("params", "train", "data", "model_config", "meta")
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step still being written
+DAMAGED_DIR = "checkpoints.damaged"  # under RUN_DIR: steps that failed to restore
+
+
+class CheckpointError(UserError):
+  """No checkpoint of the run can be restored; the message lists each step's problem."""
+
+
+class NonFiniteStateError(RuntimeError):
+  """The state to save holds NaN/Inf (never written)."""
 
 
 class _IteratorState:
@@ -82,13 +106,123 @@ def model_config_from_json(d: dict) -> DecoderConfig:
   return DecoderConfig(**d)
 
 
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as uint32 (8-byte values become two words)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+
+
+def _sums_and_finite(arrays: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+  """Per array: sum of bits x (2i+1) mod 2^32 (any one changed element changes it; integer
+  sums do not depend on the sharding); and whether every float is finite."""
+  sums, finite = [], jnp.bool_(True)
+  for x in arrays:
+    bits = _bits(x).reshape(-1)
+    sums.append(jnp.sum(bits * (2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite &= jnp.all(jnp.isfinite(x))
+  return sums, finite
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_sums(out_sharding: Any) -> Any:
+  return jax.jit(_sums_and_finite, out_shardings=out_sharding)
+
+
+def fingerprint(tree: Any) -> tuple[dict[str, int], list[str]]:
+  """(leaf path -> checksum, paths of leaves holding NaN/Inf) of a pytree of arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    return {}, []
+  names = [jax.tree_util.keystr(p) for p, _ in leaves]
+  arrays = [x for _, x in leaves]
+  mesh = next((x.sharding.mesh for x in arrays
+               if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+  sums, finite = _jitted_sums(None if mesh is None else NamedSharding(mesh, P()))(arrays)
+  sums, finite = jax.device_get((sums, finite))
+  bad = [] if finite else [n for n, x in zip(names, arrays) if jnp.issubdtype(x.dtype, jnp.inexact)
+                          and not bool(jax.device_get(jnp.all(jnp.isfinite(x))))]
+  return {n: int(v) for n, v in zip(names, sums)}, bad
+
+
+def _verify(kind: str, tree: Any, stored: dict[str, int] | None) -> None:
+  """Raises ValueError naming the arrays whose checksum differs from the one saved."""
+  if stored is None:
+    return
+  now, nonfinite = fingerprint(tree)
+  wrong = [n for n in stored if now.get(n) != stored[n]] + [n for n in now if n not in stored]
+  if wrong:
+    raise ValueError(f"{kind}: checksum mismatch in {len(wrong)} array(s), e.g. {wrong[0]} "
+                     "(the files were changed or damaged after the save)")
+  if nonfinite:
+    raise ValueError(f"{kind}: NaN/Inf in {nonfinite[0]}")
+
+
+def _all_processes(flag: bool) -> bool:
+  """`flag` and-ed over processes, so every host takes the same branch."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
+
+
+def _describe(err: BaseException) -> str:
+  return " ".join(f"{type(err).__name__}: {err}".split())[:400]
+
+
+def _unique(path: Path) -> Path:
+  n, out = 1, path
+  while out.exists():
+    out, n = path.with_name(f"{path.name}-{n}"), n + 1
+  return out
+
+
+def unfinished_writes(directory: Path) -> list[str]:
+  """Names of step directories whose write was cut short (orbax never lists them)."""
+  if not directory.is_dir():
+    return []
+  return sorted(p.name for p in directory.iterdir() if TMP_MARK in p.name)
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+  """Moves a run's checkpoints and metrics into RUN_DIR/previous-<time>/ (for --fresh)."""
+  run_dir = Path(run_dir)
+  names = [n for n in ("checkpoints", "metrics.jsonl", "tensorboard") if (run_dir / n).exists()]
+  if not names:
+    return None
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  dest = _unique(run_dir / f"previous-{stamp}")
+  if jax.process_index() == 0:
+    dest.mkdir(parents=True)
+    for n in names:
+      (run_dir / n).rename(dest / n)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ease_jax.checkpoint.set_aside")
+  return dest
+
+
+@dataclasses.dataclass
+class Restored:
+  """What `Checkpointer.restore_latest` found."""
+  state: Any
+  step: int
+  meta: dict
+  problems: list[str]  # one line per damaged newer step that was set aside
+
+
 def _manager(directory: Path, cfg: CheckpointConfig | None = None):
   """A manager that saves with `cfg`'s policy, or (cfg None) one that only reads."""
   if cfg is None:
     options = ocp.CheckpointManagerOptions(create=False)
   else:
+    # cleanup_tmp_directories: a write cut short by a kill leaves <step>.orbax-checkpoint-tmp-*
+    # behind; orbax never lists it as a step, and this deletes it when the next run starts.
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
-                                           enable_async_checkpointing=cfg.async_save)
+                                           enable_async_checkpointing=cfg.async_save,
+                                           cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
 
 
@@ -107,26 +241,84 @@ class Checkpointer:
     return list(self._mgr.all_steps())
 
   def save(self, step: int, state: Any, data_iter: Any, model_cfg: DecoderConfig,
-           force: bool = False) -> bool:
-    """Starts an async save when `step` is due (or `force`); returns whether it saved."""
+           force: bool = False, counters: dict[str, int] | None = None) -> bool:
+    """Starts an async save when `step` is due (or `force`); returns whether it saved.
+
+    Raises NonFiniteStateError (and writes nothing) when the state holds NaN/Inf.
+    `counters` (e.g. skipped_steps) are stored in the meta item and come back on restore.
+    """
     if not (force or step % self.every == 0) or step in self._mgr.all_steps():
       return False  # not due, or already saved (the final save right after a periodic one)
     params, rest = _split(state)
+    sums_p, bad_p = fingerprint(params)
+    sums_r, bad_r = fingerprint(rest)
+    if bad_p or bad_r:
+      raise NonFiniteStateError(f"the train state at step {step} holds NaN/Inf in "
+                                f"{(bad_p + bad_r)[0]}; it was not saved")
+    meta = {"checksums": {"params": sums_p, "train": sums_r}, "counters": dict(counters or {})}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(rest),
         data=grain_ckpt.CheckpointSave(_IteratorState(data_iter)),
-        model_config=ocp.args.JsonSave(model_config_to_json(model_cfg)))
+        model_config=ocp.args.JsonSave(model_config_to_json(model_cfg)),
+        meta=ocp.args.JsonSave(meta))
     return self._mgr.save(step, args=args, force=True)  # the interval is decided above
 
-  def restore(self, step: int, target_state: Any, data_iter: Any) -> Any:
-    """Restores `step` onto the shardings of `target_state`; sets the iterator's state in place."""
+  def restore(self, step: int, target_state: Any, data_iter: Any) -> tuple[Any, dict]:
+    """Restores and verifies `step` onto the shardings of `target_state`; sets the
+    iterator's state in place. Returns (state, meta)."""
     params, rest = _split(target_state)
-    args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(params)),
-        train=ocp.args.StandardRestore(abstract(rest)),
-        data=grain_ckpt.CheckpointRestore(_IteratorState(data_iter)))
-    restored = self._mgr.restore(step, args=args)
-    return _replace(restored["train"], params=restored["params"])
+    args = dict(params=ocp.args.StandardRestore(abstract(params)),
+                train=ocp.args.StandardRestore(abstract(rest)),
+                data=grain_ckpt.CheckpointRestore(_IteratorState(data_iter)))
+    has_meta = (self.directory / str(step) / "meta").is_dir()  # older checkpoints have none
+    if has_meta:
+      args["meta"] = ocp.args.JsonRestore()
+    restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
+    meta = (restored["meta"] or {}) if has_meta else {}
+    sums = meta.get("checksums", {})
+    _verify("params", restored["params"], sums.get("params"))
+    _verify("train", restored["train"], sums.get("train"))
+    return _replace(restored["train"], params=restored["params"]), meta
+
+  def restore_latest(self, target_state: Any, data_iter: Any) -> Restored | None:
+    """The newest step that restores and verifies, or None when there is no step.
+
+    Newer steps that fail are moved to RUN_DIR/checkpoints.damaged/ (so training can save
+    those steps again) and named in `problems`. When every step fails, nothing is moved
+    and CheckpointError lists why: the usual cause is a changed model or data config.
+    """
+    problems: list[tuple[int, str]] = []
+    for step in sorted(self._mgr.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, target_state, data_iter)
+        ok, why = True, ""
+      except Exception as e:  # any library error on damaged files means: this step is unusable
+        ok, why = False, _describe(e)
+      if not _all_processes(ok):
+        problems.append((step, why or "failed to restore on another process"))
+        continue
+      return Restored(state, step, meta, self._set_aside_damaged(problems))
+    if problems:
+      lines = "; ".join(f"step {s}: {why}" for s, why in problems)
+      raise CheckpointError(
+          f"no checkpoint under {self.directory} can be restored ({lines}). If the model, "
+          f"tokenizer or data config changed, use a new run_dir; to start this run over, pass "
+          f"--fresh (moves the old checkpoints aside) or delete {self.directory}")
+    return None
+
+  def _set_aside_damaged(self, problems: list[tuple[int, str]]) -> list[str]:
+    lines = []
+    for step, why in problems:
+      dest = _unique(self.directory.parent / DAMAGED_DIR / str(step))
+      if jax.process_index() == 0:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(dest))
+      lines.append(f"checkpoint step {step} is damaged ({why}); moved to {dest}")
+    if problems:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ease_jax.checkpoint.set_aside_damaged")
+      self._mgr.reload()
+    return lines
 
   def wait(self) -> None:
     """Blocks until pending async saves are committed."""
@@ -170,8 +362,18 @@ def read_model_config(run_dir: str | Path, step: int | None = None) -> tuple[Dec
 def restore_params(run_dir: str | Path, step: int, target_params: Any) -> Any:
   """Only the parameters of a checkpoint, placed with `target_params`' shardings."""
   mgr, step = _resolve_step(Path(run_dir), step)
-  args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract(target_params)))
-  return mgr.restore(step, args=args)["params"]
+  step_dir = Path(run_dir) / "checkpoints" / str(step)
+  args = {"params": ocp.args.StandardRestore(abstract(target_params))}
+  if (step_dir / "meta").is_dir():
+    args["meta"] = ocp.args.JsonRestore()
+  try:
+    restored = mgr.restore(step, args=ocp.args.Composite(**args))
+    sums = (restored["meta"] or {}).get("checksums", {}) if "meta" in args else {}
+    _verify("params", restored["params"], sums.get("params"))
+  except Exception as e:  # damaged files surface as many library errors; name the step
+    raise UserError(f"{step_dir}: the checkpoint cannot be read ({_describe(e)}); pick another "
+                    f"step with RUN_DIR@STEP") from None
+  return restored["params"]
 
 
 def load_model(run_dir: str | Path, step: int | None = None, mesh: Any = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,12 +79,23 @@ class MetricsWriter:
     self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
 
   def _truncate_jsonl(self, resume_step: int) -> None:
-    """Keeps only entries up to `resume_step` (all of them when starting fresh: none exist)."""
+    """Keeps only entries up to `resume_step` (none when starting fresh).
+
+    A run killed mid-write can leave a torn last line; it is dropped, not parsed. The
+    file is replaced atomically, so a kill during this rewrite loses nothing either.
+    """
     if not self.jsonl_path.exists():
       return
-    kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-    self.jsonl_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = []
+    for line in self.jsonl_path.read_text(encoding="utf-8", errors="replace").splitlines():
+      try:
+        if json.loads(line).get("step", 0) <= resume_step:
+          kept.append(line)
+      except (ValueError, AttributeError):
+        continue  # a torn or foreign line
+    tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, self.jsonl_path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """One jsonl object {"step": step, tag: value, ...} and one TB scalar per tag."""

@@ -5,7 +5,15 @@
   python launch/train.py --config configs/demo.yaml        # one training run on the demo data
   python launch/train.py --config configs/qwen2.5-0.5b_phase1.yaml train.steps=100 run_dir=runs/x
 
-Running the same command again resumes from the run's latest checkpoint.
+Running the same command again resumes from the run's latest checkpoint (a damaged
+latest step falls back to the one before, with a warning). A run_dir that holds
+checkpoints is never silently restarted from scratch: pass --fresh to move its
+checkpoints and metrics to RUN_DIR/previous-<time>/ and start at step 0.
+
+Exit codes: 0 done; 1 the loss or parameters became NaN/Inf (the message names
+the step and the last good checkpoint); 2 a config, data or checkpoint error
+(one line, no traceback); 128+N stopped by signal N (SIGTERM: 143, Ctrl-C: 130)
+after writing a checkpoint of the last finished step - rerun the command to resume.
 
 Multi-host: on a TPU VM slice every worker runs the same command and
 jax.distributed is initialised automatically. Elsewhere (GPU hosts, tests) pass
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--config", default=None,
                  help="YAML config; without it the whole demo runs (configs/demo_phase{1,2}.yaml: "
                       "phase 1, phase 2, evaluation, export)")
+  p.add_argument("--fresh", action="store_true",
+                 help="start at step 0 even if run_dir holds checkpoints (they and the metrics "
+                      "are moved to RUN_DIR/previous-<time>/)")
   p.add_argument("--eval_max_new_tokens", type=int, default=256,
                  help="the demo's evaluation generation length")
   p.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -81,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
   from ease_jax.errors import UserError
   try:
     if args.config is None:
+      if args.fresh:
+        raise UserError("--fresh applies to one training run (--config FILE); to start the demo "
+                        "over, delete its run_dir")
       from ease_jax.demo import run_demo
       run_demo(CONFIG_DIR, args.overrides, args.eval_max_new_tokens)
       return 0
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(args)
     from ease_jax.train import loop  # after distributed init, before any device use
     try:
-      result = loop.train(cfg)
+      result = loop.train(cfg, fresh=args.fresh)
     except loop.NonFiniteLossError as e:  # a diverged run, not a bug: no traceback
       print(f"error: {e}", file=sys.stderr)
       return 1
@@ -100,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 130
   if result.is_primary:
-    print(result.summary())
+    print(result.summary(), file=sys.stderr if result.stopped_by else sys.stdout)
+  if result.stopped_by:
+    return 128 + int(getattr(signal, result.stopped_by))
   return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ease_jax.config import SourceConfig
-from ease_jax.data.records import BadRecords, adapt_ease10k, adapt_star, load_records
+from ease_jax.data.records import (BadRecords, DuplicateIdWarning, adapt_ease10k, adapt_star,
+                                   load_records)
 from ease_jax.errors import DataError
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -105,6 +106,16 @@ BAD_CASES = [
     ("wildjailbreak_bad_type.jsonl", "wildjailbreak", [":2", "'benign'", "field 'data_type'"]),
     ("messages_no_assistant.jsonl", "messages", [":2", "last message", "field 'messages'"]),
     ("messages_bad_role.jsonl", "messages", [":2", "field 'messages[0]'"]),
+    ("utf16_bom.jsonl", "prompt_response", ["utf16_bom.jsonl", "UTF-16", "iconv"]),
+    ("utf16_no_bom.jsonl", "prompt_response", ["utf16_no_bom.jsonl", "NUL bytes"]),
+    ("latin1.jsonl", "prompt_response", ["latin1.jsonl:2", "invalid UTF-8", "Latin-1"]),
+    ("deeply_nested.jsonl", "prompt_response", ["deeply_nested.jsonl:2", "nested too deeply"]),
+    ("surrogate.jsonl", "prompt_response", [":2", "unpaired surrogate", "field 'prompt'"]),
+    ("object_prompt.jsonl", "prompt_response", [":2", "expected a string, got dict",
+                                                "field 'prompt'"]),
+    ("wrong_column_types.parquet", "prompt_response", ["wrong_column_types.parquet", "row 0",
+                                                       "expected a string, got int",
+                                                       "field 'response'"]),
 ]
 
 
@@ -134,3 +145,38 @@ def test_inspect_cli_reports_bad_file_without_traceback(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: ") and "wrong_type.jsonl:2" in proc.stderr
   assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_duplicate_ids_are_kept_counted_and_warned():
+  bad = BadRecords()
+  with pytest.warns(DuplicateIdWarning, match=r"1 row\(s\) repeat .*'a' at .*:1 and .*:3"):
+    recs = load_records(SourceConfig(adapter="prompt_response",
+                                     path=str(BAD / "duplicate_ids.jsonl")), "error", bad)
+  assert len(recs) == 3 and bad.duplicate_ids == 1 and bad.count == 0
+
+
+def test_datasets_directory_without_the_split_names_the_ones_it_has():
+  src = SourceConfig(adapter="prompt_response", path=str(BAD / "dataset_missing_split"),
+                     split="validation")
+  with pytest.raises(DataError, match=r"dataset_missing_split: split 'validation' not found; "
+                                      r"available: train"):
+    load_records(src)
+
+
+def test_huge_lines(tmp_path, monkeypatch):
+  # A 2 MB answer is a valid record (rendering drops it as overlong, counted) ...
+  good = {"prompt": "Hi", "response": "x" * (2 << 20), "target_type": "direct"}
+  (tmp_path / "big.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+  src = SourceConfig(adapter="prompt_response", path=str(tmp_path / "big.jsonl"))
+  assert len(load_records(src)) == 2
+  # ... but a line over the limit is a bad row, and reading resumes at the next line.
+  from ease_jax.data import records
+  monkeypatch.setattr(records, "MAX_LINE_BYTES", 1 << 20)
+  with pytest.raises(DataError, match=r"big.jsonl:1: the line is longer than 1048576 bytes"):
+    load_records(src)
+  bad = BadRecords()
+  (tmp_path / "mixed.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(
+      dict(good, response="short")) + "\n")
+  recs = load_records(SourceConfig(adapter="prompt_response", path=str(tmp_path / "mixed.jsonl")),
+                      "skip", bad)
+  assert [r.where.rsplit(":", 1)[1] for r in recs] == ["2"] and bad.count == 1

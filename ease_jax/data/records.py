@@ -3,14 +3,23 @@
 Every bad row raises ``DataError`` naming the file, the line (JSONL, 1-based) or row
 (JSON array / Parquet / `datasets`, 0-based index) and the field. With
 ``on_bad_record: skip`` the row is counted in a ``BadRecords`` and left out.
+
+Whole-file problems are errors even under skip: a UTF-16/UTF-32 file (byte-order
+mark or NUL bytes), a missing file, an empty source. A JSONL line over
+``MAX_LINE_BYTES`` or JSON nested deeper than Python can parse is a bad row.
+Repeated ids within a source are kept (a repeat may be deliberate upsampling) but
+counted in ``BadRecords.duplicate_ids`` and reported with a ``DuplicateIdWarning``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ease_jax.batch import OBJECTIVES
 from ease_jax.config import SourceConfig
@@ -18,6 +27,13 @@ from ease_jax.errors import DataError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant", "tool")
+MAX_LINE_BYTES = 64 << 20  # one JSONL row; longer is a broken file, not a training example
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+class DuplicateIdWarning(UserWarning):
+  """Rows of one source share an `id` (kept, counted)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class BadRecords:
   count: int = 0
   reasons: list[str] = field(default_factory=list)
   keep: int = 5
+  duplicate_ids: int = 0  # rows whose id repeats an earlier row's in the same source
 
   def add(self, error: DataError) -> None:
     self.count += 1
@@ -62,12 +79,22 @@ def _str(row: dict, key: str, *, required: bool = True, empty_ok: bool = False) 
     return None
   if not isinstance(value, str):
     raise DataError(f"expected a string, got {type(value).__name__}", field=key)
+  _check_text(value, key)
   value = value.strip()
   if not value and not empty_ok:
     if required:
       raise DataError("is empty", field=key)
     return None
   return value
+
+
+def _check_text(value: str, key: str) -> None:
+  """Strings from JSON escapes may hold unpaired surrogates, which no tokenizer can encode."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataError(f"has an unpaired surrogate (\\u{ord(value[e.start]):04x}) at character "
+                    f"{e.start}", field=key) from None
 
 
 def split_think(text: str, key: str = "response") -> tuple[str | None, str]:
@@ -168,6 +195,7 @@ def adapt_messages(row: dict, target: str, **meta: str) -> Record:
     if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
       raise DataError(f"message {i} must be {{role: {'|'.join(ROLES)}, content: string}}",
                       field=f"messages[{i}]")
+    _check_text(m["content"], f"messages[{i}].content")
     pairs.append((m["role"], m["content"].strip()))
   if pairs[-1][0] != "assistant":
     raise DataError("the last message must be the assistant turn to supervise", field="messages")
@@ -225,36 +253,66 @@ def _exists(path: str) -> bool:
   return os.path.exists(path)
 
 
+def _parse(text: str) -> "Any | DataError":
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    return DataError(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})")
+  except RecursionError:
+    return DataError("JSON nested too deeply to parse")
+
+
+def _check_encoding(head: bytes, path: str) -> None:
+  """A UTF-16/32 file is a file-level error (every line would fail otherwise)."""
+  for bom, name in _WIDE_BOMS:
+    if head.startswith(bom):
+      raise DataError(f"the file is {name} text (byte-order mark); convert it to UTF-8, e.g. "
+                      f"iconv -f {name} -t UTF-8", path=path)
+  if b"\x00" in head[:4096]:
+    raise DataError("the file holds NUL bytes: UTF-16/UTF-32 text without a byte-order mark, "
+                    "or not a text file; convert it to UTF-8 JSON lines", path=path)
+
+
 def _read_jsonl(path: str) -> Iterator[Row]:
   with _open(path) as f:
-    for n, raw in enumerate(f, start=1):
+    _check_encoding(f.read(4096), path)
+    f.seek(0)
+    n = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+      n += 1
       loc = Loc(path, line=n)
+      if len(raw) > MAX_LINE_BYTES:
+        while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+          raw = f.readline(MAX_LINE_BYTES)
+        yield loc, DataError(f"the line is longer than {MAX_LINE_BYTES} bytes")
+        continue
       try:
         line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a BOM
       except UnicodeDecodeError as e:
-        yield loc, DataError(f"invalid UTF-8 at byte {e.start} of the line")
+        yield loc, DataError(f"invalid UTF-8 at byte {e.start} of the line (Latin-1 or "
+                             "Windows-1252 text? convert the file to UTF-8)")
         continue
       if not line.strip():
         continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        yield loc, DataError(f"malformed JSON: {e.msg} (column {e.colno})")
-        continue
-      yield loc, row if isinstance(row, dict) else DataError(
-          f"expected a JSON object, got {type(row).__name__}")
+      row = _parse(line)
+      if isinstance(row, DataError) or isinstance(row, dict):
+        yield loc, row
+      else:
+        yield loc, DataError(f"expected a JSON object, got {type(row).__name__}")
 
 
 def _read_json_array(path: str) -> Iterator[Row]:
   with _open(path) as f:
     data = f.read()
+  _check_encoding(data[:4096], path)
   try:
-    rows = json.loads(data.decode("utf-8"))
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise DataError(f"invalid UTF-8 at byte {e.start}", path=path) from None
-  except json.JSONDecodeError as e:
-    raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path,
-                    line=e.lineno) from None
+    raise DataError(f"invalid UTF-8 at byte {e.start} (Latin-1 or Windows-1252 text? convert "
+                    "the file to UTF-8)", path=path) from None
+  rows = _parse(text)
+  if isinstance(rows, DataError):
+    raise DataError(str(rows), path=path) from None
   if not isinstance(rows, list):
     raise DataError("a .json source must hold an array of objects (or JSON lines)", path=path)
   for i, row in enumerate(rows):
@@ -324,7 +382,7 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
   """Reads, adapts and validates every row of one source."""
   adapter = ADAPTERS[src.adapter]
   name, bad = source_name(src), bad if bad is not None else BadRecords()
-  records, rows = [], 0
+  records, rows, first_seen, repeats = [], 0, {}, []
   for loc, row in read_rows(src):
     if src.max_rows and rows >= src.max_rows:
       break
@@ -335,10 +393,20 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
       rid = row.get("id")
       meta = {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)}
       records.append(adapter(row, src.target_type, **meta))
+      if meta["id"]:
+        if meta["id"] in first_seen:
+          repeats.append((meta["id"], first_seen[meta["id"]], loc))
+        first_seen.setdefault(meta["id"], loc)
     except DataError as e:
       if on_bad_record != "skip":
         raise loc.error(e) from None
       bad.add(loc.error(e))
+  if repeats:
+    bad.duplicate_ids += len(repeats)
+    rid, first, again = repeats[0]
+    warnings.warn(f"{src.path}: {len(repeats)} row(s) repeat an earlier row's id (e.g. {rid!r} "
+                  f"at {first} and {again}); they are kept as separate examples",
+                  DuplicateIdWarning, stacklevel=2)
   if rows == 0:
     raise DataError("no records: the source is empty", path=src.path)
   if not records:

@@ -3,12 +3,20 @@
 The host dispatches step N and only then reads step N-1's metrics, so it never
 waits for the device except at evaluation and checkpoint steps (where it must:
 a checkpoint is only written after its step's loss was seen to be finite).
+
+Preemption: SIGTERM (and a first Ctrl-C) sets a flag that the loop checks between
+steps; it then saves a checkpoint, waits for it to be written, and returns with
+`TrainResult.stopped_by` set (launch/train.py exits 128 + the signal number). On
+several processes the JAX preemption service picks the step at which all save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ease_jax import config as config_lib, init, metrics as metrics_lib, sharding
+from ease_jax import checkpoint, config as config_lib, init, metrics as metrics_lib, sharding
 from ease_jax.batch import OBJECTIVES
 from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
@@ -39,8 +47,13 @@ class TrainResult:
   last_metrics: dict[str, float]
   skipped_steps: int = 0
   is_primary: bool = True
+  stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
   def summary(self) -> str:
+    if self.stopped_by:
+      return (f"stopped by {self.stopped_by} after step {self.step}/{self.total_steps}; "
+              f"checkpoint step {self.step} is in {self.run_dir / 'checkpoints'}; run the "
+              f"same command again to resume")
     loss = self.last_metrics.get("loss/total")
     lines = [f"finished step {self.step}/{self.total_steps}"
              + (f", loss {loss:.4f}" if loss is not None else "")
@@ -72,6 +85,45 @@ class Run:
   ckpt: Checkpointer
   total_steps: int
   start_step: int
+  skipped_steps: int = 0  # non-finite steps skipped before start_step (from the checkpoint)
+  notes: tuple[str, ...] = ()  # what resuming had to work around, printed at the start
+
+
+class StopSignals:
+  """SIGTERM / first SIGINT -> a flag the loop checks between steps (then it checkpoints).
+
+  One process: Python handlers (main thread only). Several: JAX's preemption service
+  catches SIGTERM and `reached_preemption_sync_point` names one step for every host.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignals":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    self.received = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+
+  def requested(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step` (call it after every step)."""
+    if jax.process_count() > 1:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.received = "SIGTERM"
+      except RuntimeError:  # the preemption service is disabled
+        pass
+    return self.received is not None
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def per_process_batch(cfg: Config, mesh: Any) -> int:
@@ -79,8 +131,11 @@ def per_process_batch(cfg: Config, mesh: Any) -> int:
   B, procs = cfg.train.batch_size, jax.process_count()
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if B % dp or B % procs:
+    unit = math.lcm(dp, procs)
     raise ConfigError(f"train.batch_size={B} must be a multiple of the data-parallel devices "
-                      f"(mesh.data x mesh.fsdp = {dp}) and of the {procs} processes")
+                      f"(mesh.data x mesh.fsdp = {dp}) and of the {procs} process(es); set "
+                      f"train.batch_size to a multiple of {unit} (e.g. "
+                      f"{max(unit, B // unit * unit)}) or change the mesh")
   return B // procs
 
 
@@ -126,12 +181,27 @@ def _prepare_run_dir(cfg: Config, tokenizer: Any) -> Path:
   return run_dir
 
 
-def setup(cfg: Config) -> Run:
-  """Tokenizer, data, model, optimizer, compiled steps; restores the latest checkpoint."""
+def _resume(ckpt: Checkpointer, state: Any, data_iter: Any) -> tuple[Any, int, int, list[str]]:
+  """(state, start step, skipped steps so far, problems) from the newest usable checkpoint."""
+  restored = ckpt.restore_latest(state, data_iter)
+  if restored is None:
+    return state, 0, 0, []
+  skipped = int(restored.meta.get("counters", {}).get("skipped_steps", 0))
+  return restored.state, restored.step, skipped, restored.problems
+
+
+def setup(cfg: Config, fresh: bool = False) -> Run:
+  """Tokenizer, data, model, optimizer, compiled steps; restores the latest usable checkpoint.
+
+  `fresh` first moves an existing run's checkpoints and metrics to RUN_DIR/previous-<time>/.
+  """
   mesh = sharding.make_mesh(cfg.mesh)
   batch = per_process_batch(cfg, mesh)
   tokenizer = init.load_run_tokenizer(cfg)
   run_dir = _prepare_run_dir(cfg, tokenizer)
+  notes = []
+  if fresh and (moved := checkpoint.set_aside(run_dir)):
+    notes.append(f"--fresh: moved the previous checkpoints and metrics to {moved}")
   train_data = make_pipeline(cfg, tokenizer, "train", batch)
   eval_data = make_pipeline(cfg, tokenizer, "eval", batch) if cfg.data.eval else None
   steps = total_steps(cfg, train_data)
@@ -139,16 +209,18 @@ def setup(cfg: Config) -> Run:
   tx = optim.make_optimizer(cfg.train, steps)
   graphdef, state = step_lib.init_state(model, tx, cfg.train.seed)
   state = place(state, step_lib.state_shardings(mesh, state))
-  ckpt = Checkpointer(run_dir, cfg.checkpoint)
   data_iter = iter(train_data)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = ckpt.restore(start, state, data_iter)
+  unfinished = checkpoint.unfinished_writes(run_dir / "checkpoints")  # the manager deletes them
+  if unfinished:
+    notes.append(f"ignoring {len(unfinished)} unfinished checkpoint write(s) of an interrupted "
+                 f"run: {', '.join(unfinished)}")
+  ckpt = Checkpointer(run_dir, cfg.checkpoint)
+  state, start, skipped, problems = _resume(ckpt, state, data_iter)
   train_fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
                                          optim.make_schedule(cfg.train, steps))
   eval_fn = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if eval_data else None
   return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, eval_fn, train_data, eval_data,
-             data_iter, ckpt, steps, start)
+             data_iter, ckpt, steps, start, skipped, tuple(notes + problems))
 
 
 def present_losses(scalars: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -195,7 +267,7 @@ class Logger:
         metrics_lib.peak_flops_per_device())
     self.writer = metrics_lib.MetricsWriter(run.run_dir, resume_step=run.start_step)
     self.progress = metrics_lib.Progress(run.total_steps, run.start_step)
-    self.skipped = 0
+    self.skipped = run.skipped_steps  # restored with the checkpoint: the count survives resumes
     self.last: dict[str, float] = {}
     self.writer.write_text("config", config_lib.dump_yaml(cfg), run.start_step)
 
@@ -204,7 +276,8 @@ class Logger:
     scalars = metrics_lib.to_python(device_metrics)
     if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
       if not self.run.cfg.train.skip_nonfinite_steps:
-        self._raise_nonfinite(step, scalars["loss/total"])
+        self.raise_nonfinite(step, f"loss became {scalars['loss/total']} (or a gradient "
+                             "non-finite)")
       self.skipped += 1
       self.progress.message(f"step {step}: non-finite loss or gradient, update skipped "
                             f"({self.skipped} so far)")
@@ -223,13 +296,14 @@ class Logger:
   def log(self, step: int, device_metrics: dict) -> None:
     self.write(step, self.read(step, device_metrics))
 
-  def _raise_nonfinite(self, step: int, loss: float) -> None:
+  def raise_nonfinite(self, step: int, what: str, skippable: bool = True) -> None:
+    """Stops the run naming the step and the last good checkpoint."""
     last = self.run.ckpt.latest_step()
     where = (f"the last good checkpoint is step {last} in {self.run.ckpt.directory}; running "
              f"the same command again resumes from it" if last else "no checkpoint was saved yet")
-    raise NonFiniteLossError(
-        f"loss became {loss} (or a gradient non-finite) at step {step}; training stopped. "
-        f"{where}. Lower train.lr or set train.skip_nonfinite_steps=true to skip such steps.")
+    fix = " or set train.skip_nonfinite_steps=true to skip such steps" if skippable else ""
+    raise NonFiniteLossError(f"{what} at step {step}; training stopped. {where}. Lower "
+                             f"train.lr{fix}.")
 
   def close(self) -> None:
     self.progress.close()
@@ -246,10 +320,16 @@ def _announce(run: Run) -> None:
         f"{jax.process_count()} process(es)", flush=True)
   for line in where_lines(run.run_dir):
     print(f"  {line}", flush=True)
+  for note in run.notes:  # damaged or unfinished checkpoints that resuming worked around
+    print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
-def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int) -> None:
-  """An eval and/or checkpoint step: read the metrics (NaN guard), evaluate, then save."""
+def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
+              stop: bool = False) -> None:
+  """An eval and/or checkpoint step: read the metrics (NaN guard), evaluate, then save.
+
+  `stop` (a preemption): save this step whatever the schedule says, and wait for the write.
+  """
   cfg = run.cfg
   scalars = logger.read(step, metrics)
   eval_due = run.eval_data is not None and (
@@ -258,7 +338,14 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int) -> 
     scalars |= evaluate(run, run.state)
     logger.progress.message(f"step {step}: eval loss {scalars['eval/loss/total']:.4f}")
   logger.write(step, scalars, force=eval_due)
-  if run.ckpt.save(step, run.state, run.data_iter, run.model_cfg, force=step == last):
+  try:
+    saved = run.ckpt.save(step, run.state, run.data_iter, run.model_cfg,
+                          force=stop or step == last, counters={"skipped_steps": logger.skipped})
+  except checkpoint.NonFiniteStateError as e:
+    logger.raise_nonfinite(step, str(e), skippable=False)
+  if stop:
+    run.ckpt.wait()  # the process may be killed soon after: write it now
+  if saved:
     logger.progress.message(f"step {step}: checkpoint saved to {run.ckpt.directory / str(step)}")
   logger.throughput.reset()  # eval and checkpoint time is not training throughput
 
@@ -269,8 +356,11 @@ def _is_boundary(run: Run, step: int, last: int) -> bool:
           or bool(run.eval_data and every and step % every == 0))
 
 
-def run_steps(run: Run, logger: Logger, last: int) -> None:
-  """Steps start+1..last; step N's metrics are read after step N+1 is dispatched."""
+def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None = None) -> int:
+  """Steps start+1..last; step N's metrics are read after step N+1 is dispatched.
+
+  Returns the last step run: earlier than `last` when `signals` asked to stop.
+  """
   padding = jax.jit(lambda seg: jnp.mean(seg == 0), out_shardings=sharding.replicated(run.mesh))
   pending = None
   for step in range(run.start_step + 1, last + 1):
@@ -280,28 +370,36 @@ def run_steps(run: Run, logger: Logger, last: int) -> None:
     if pending:
       logger.log(*pending)
     pending = (step, metrics)
-    if _is_boundary(run, step, last):
-      _boundary(run, logger, step, metrics, last)
+    stop = signals is not None and signals.requested(step)
+    if stop or _is_boundary(run, step, last):
+      _boundary(run, logger, step, metrics, last, stop=stop)
       pending = None
+    if stop:
+      return step
+  return last
 
 
-def train(cfg: Config, stop_at: int | None = None) -> TrainResult:
-  """Trains per `cfg`, resuming from RUN_DIR's latest checkpoint when there is one.
+def train(cfg: Config, stop_at: int | None = None, fresh: bool = False) -> TrainResult:
+  """Trains per `cfg`, resuming from RUN_DIR's latest usable checkpoint when there is one.
 
   `stop_at` ends the run after that step with a checkpoint, as a preemption would
-  (used by tests; the schedule still spans all steps).
+  (used by tests; the schedule still spans all steps). `fresh` sets an existing run's
+  checkpoints and metrics aside and starts at step 0. SIGTERM or Ctrl-C checkpoint
+  and stop after the current step (`TrainResult.stopped_by`).
   """
-  run = setup(cfg)
-  logger = Logger(run)
-  last = min(run.total_steps, stop_at or run.total_steps)
-  try:
-    _announce(run)
-    if run.start_step < last:
-      run_steps(run, logger, last)
-    elif jax.process_index() == 0:
-      print(f"nothing to do: {run.run_dir} is already at step {run.start_step}", flush=True)
-  finally:
-    run.ckpt.close()
-    logger.close()
+  with StopSignals() as signals:
+    run = setup(cfg, fresh=fresh)
+    logger = Logger(run)
+    last = min(run.total_steps, stop_at or run.total_steps)
+    try:
+      _announce(run)
+      if run.start_step < last:
+        last = run_steps(run, logger, last, signals)
+      elif jax.process_index() == 0:
+        print(f"nothing to do: {run.run_dir} is already at step {run.start_step}", flush=True)
+    finally:
+      run.ckpt.close()
+      logger.close()
+    stopped = signals.received if last < min(run.total_steps, stop_at or run.total_steps) else None
   return TrainResult(run.run_dir, max(last, run.start_step), run.total_steps, logger.last,
-                     logger.skipped, jax.process_index() == 0)
+                     logger.skipped, jax.process_index() == 0, stopped)
