@@ -152,7 +152,13 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _read_config(path: Path) -> dict:
   if not (path / "config.json").is_file():
     raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
-  return json.loads((path / "config.json").read_text())
+  try:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise UserError(f"{path / 'config.json'}: expected a JSON object")
+  return config
 
 
 def assemble(cfg: DecoderConfig, values: dict[str, jax.Array]) -> Decoder:

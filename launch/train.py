@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
   from ease_jax.errors import UserError
   try:
     if args.config is None:
+      if any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        raise UserError("the demo runs in one process; multi-process runs need --config FILE")
       if args.fresh:
         raise UserError("--fresh applies to one training run (--config FILE); to start the demo "
                         "over, delete its run_dir")

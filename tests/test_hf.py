@@ -125,3 +125,16 @@ def test_bfloat16_params_load_without_torch_types(tmp_path):
   torch_model, path = make_hf_model("qwen3", out_dir=str(tmp_path), head_dim=24)
   model, cfg = load_pretrained(path, dtype="bfloat16")
   assert model.embed[...].dtype == jnp.bfloat16 and cfg.param_dtype == "bfloat16"
+
+
+def test_malformed_config_json_is_a_user_error(tmp_path):
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="config.json: not valid JSON"):
+    load_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+  _, path = make_hf_model("qwen2", out_dir=str(tmp_path))
+  (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+  with pytest.raises(UserError, match="no \\*.safetensors weights found"):
+    load_pretrained(path)
