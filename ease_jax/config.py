@@ -124,6 +124,15 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class BehaviorConfig:
+  """Selective-reasoning evaluation by generation inside training (see ease_jax.evaluate)."""
+  file: str = ""  # eval records with a `class` label; "" = off
+  every: int = 0  # every N steps and at the end; 0 = only at the end (when `file` is set)
+  max_new_tokens: int = 256
+  batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class Config:
   """The whole run."""
   run_dir: str = "runs/demo"
@@ -133,6 +142,7 @@ class Config:
   loss: LossConfig = LossConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  behavior: BehaviorConfig = BehaviorConfig()
 
 
 # Checks on values, by dotted key: (predicate, what is allowed).
@@ -148,7 +158,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "checkpoint.every": _POSITIVE, "checkpoint.keep": _POSITIVE,
     "mesh.data": _POSITIVE, "mesh.tensor": _POSITIVE,
     "mesh.fsdp": (lambda v: v == -1 or v > 0, "a positive integer or -1 (all remaining devices)"),
-    "data.worker_count": _NON_NEGATIVE,
+    "data.worker_count": _NON_NEGATIVE, "behavior.every": _NON_NEGATIVE,
+    "behavior.max_new_tokens": _POSITIVE, "behavior.batch_size": _POSITIVE,
 }
 
 
@@ -295,5 +306,5 @@ def replace(cfg: Config, **sections: Any) -> Config:
 
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "SourceConfig", "TrainConfig", "LossConfig",
-           "CheckpointConfig", "MeshConfig", "ObjectiveWeights", "SpanWeights", "load_config",
+           "CheckpointConfig", "MeshConfig", "BehaviorConfig", "ObjectiveWeights", "SpanWeights", "load_config",
            "from_dict", "parse_overrides", "apply_overrides", "dump_yaml", "to_dict", "read_yaml"]

@@ -235,6 +235,10 @@ class Generator:
     self.num_compilations = 0  # traces of the batch function: one per distinct shape
     self._jit = jax.jit(self._traced, static_argnames=("max_new_tokens", "greedy"))
 
+  def update_params(self, state: nnx.State) -> None:
+    """New parameter values of the same structure (e.g. after training steps): no recompile."""
+    self.state = state
+
   def _traced(self, state, *args, max_new_tokens, greedy):
     self.num_compilations += 1
     return _generate_batch(self.graphdef, state, *args, max_new_tokens=max_new_tokens,

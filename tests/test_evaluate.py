@@ -111,3 +111,27 @@ def test_short_demo_runs_end_to_end(tmp_path):
   assert (run_dir / "phase1" / "eval" / "report.json").is_file()
   assert (run_dir / "export" / "config.json").is_file() and (run_dir / "demo.md").is_file()
   assert "Goals:" in proc.stdout and "reasoning rate (phase 1 -> 2)" in proc.stdout
+
+
+def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):
+  """behavior.file inside training logs the same per-class numbers that evaluating the
+  saved checkpoint gives, to metrics.jsonl and RUN_DIR/behavior/<step>/report.json."""
+  from ease_jax import generate as G
+  run_dir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo_phase1.yaml",
+                         f"run_dir={run_dir}", "train.steps=4", "train.seq_len=256", "data.eval=[]",
+                         "behavior.file=data/demo/eval.jsonl", "behavior.max_new_tokens=6",
+                         "checkpoint.async_save=false"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+  assert logged["step"] == 4
+  model, cfg, tok = G.load_generation_model(str(run_dir))
+  report, _ = E.evaluate(G.Generator(model, cfg, tok, batch_size=16),
+                         E.read_eval_file(str(REPO / "data/demo/eval.jsonl")),
+                         SamplingConfig(max_new_tokens=6))
+  for cls, stats in report["classes"].items():
+    for key in ("reasoning_rate", "refusal_rate", "mean_new_tokens"):
+      assert logged[f"behavior/{cls}/{key}"] == pytest.approx(stats[key]), (cls, key)
+  saved = json.loads((run_dir / "behavior" / "4" / "report.json").read_text())
+  assert saved["classes"] == json.loads(json.dumps(report["classes"]))

@@ -31,7 +31,7 @@ from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
-from ease_jax.train import loss as loss_lib, optim, step as step_lib
+from ease_jax.train import behavior, loss as loss_lib, optim, step as step_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +87,7 @@ class Run:
   start_step: int
   skipped_steps: int = 0  # non-finite steps skipped before start_step (from the checkpoint)
   notes: tuple[str, ...] = ()  # what resuming had to work around, printed at the start
+  behavior: Any = None  # (step, params) -> scalars: generation-based eval (behavior.file)
 
 
 class StopSignals:
@@ -219,8 +220,9 @@ def setup(cfg: Config, fresh: bool = False) -> Run:
   train_fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
                                          optim.make_schedule(cfg.train, steps))
   eval_fn = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if eval_data else None
+  behave = behavior.make(cfg, graphdef, state.params, model_cfg, tokenizer, mesh, run_dir)
   return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, eval_fn, train_data, eval_data,
-             data_iter, ckpt, steps, start, skipped, tuple(notes + problems))
+             data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave)
 
 
 def present_losses(scalars: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -337,6 +339,11 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
   if eval_due:
     scalars |= evaluate(run, run.state)
     logger.progress.message(f"step {step}: eval loss {scalars['eval/loss/total']:.4f}")
+  if run.behavior is not None and behavior.due(cfg, step, run.total_steps):
+    scalars |= run.behavior(step, run.state.params)
+    logger.progress.message(f"step {step}: reasoning rate per class "
+                            f"{behavior.summary(scalars)}")
+    eval_due = True
   logger.write(step, scalars, force=eval_due)
   try:
     saved = run.ckpt.save(step, run.state, run.data_iter, run.model_cfg,
@@ -353,7 +360,8 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
 def _is_boundary(run: Run, step: int, last: int) -> bool:
   every = run.cfg.train.eval_every
   return (step == last or step % run.cfg.checkpoint.every == 0
-          or bool(run.eval_data and every and step % every == 0))
+          or bool(run.eval_data and every and step % every == 0)
+          or (run.behavior is not None and behavior.due(run.cfg, step, run.total_steps)))
 
 
 def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None = None) -> int:
