@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +30,7 @@ from ease_jax.config import Config
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
 from ease_jax.train import behavior, loss as loss_lib, optim, step as step_lib
+from ease_jax.train.signals import StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,43 +87,6 @@ class Run:
   skipped_steps: int = 0  # non-finite steps skipped before start_step (from the checkpoint)
   notes: tuple[str, ...] = ()  # what resuming had to work around, printed at the start
   behavior: Any = None  # (step, params) -> scalars: generation-based eval (behavior.file)
-
-
-class StopSignals:
-  """SIGTERM / first SIGINT -> a flag the loop checks between steps (then it checkpoints).
-
-  One process: Python handlers (main thread only). Several: JAX's preemption service
-  catches SIGTERM and `reached_preemption_sync_point` names one step for every host.
-  """
-
-  def __init__(self):
-    self.received: str | None = None
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> "StopSignals":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    self.received = signal.Signals(signum).name
-    if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
-
-  def requested(self, step: int) -> bool:
-    """Whether to checkpoint and stop after `step` (call it after every step)."""
-    if jax.process_count() > 1:
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          self.received = "SIGTERM"
-      except RuntimeError:  # the preemption service is disabled
-        pass
-    return self.received is not None
-
-  def __exit__(self, *exc: Any) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def per_process_batch(cfg: Config, mesh: Any) -> int:
