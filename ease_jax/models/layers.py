@@ -7,6 +7,7 @@ its dimensions; `ease_jax.sharding` maps those names to mesh axes.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -82,6 +83,128 @@ def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array,
   return (same_doc & causal)[:, None, :, :]
 
 
+def decoder_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  """`attention_mask` of a packed row that also never lets a row see a later row: bool[B,1,T,T].
+
+  For documents packed whole and in order this changes nothing (position order is row
+  order); it only stops padding (segment 0, positions 0) from seeing later padding, which
+  makes the mask lower-triangular so `block_causal_attention` is exact.
+  """
+  rows_T = jnp.arange(segment_ids_BxT.shape[1])
+  in_order_TxT = rows_T[None, :] <= rows_T[:, None]
+  mask = attention_mask(segment_ids_BxT, segment_ids_BxT, positions_BxT, positions_BxT)
+  return mask & in_order_TxT
+
+
+def _scores(q_BxKxGxTxH, k_BxKxSxH, mask_Bx1xTxS):
+  """Masked float32 scores [B,K,G,T,S]; the G query heads of a kv head as one [G*T, H] matrix
+  (a plain batched matmul, no repeated keys)."""
+  B, K, G, T, H = q_BxKxGxTxH.shape
+  s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGxTxH.reshape(B, K, G * T, H), k_BxKxSxH,
+                 preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+  return jnp.where(mask_Bx1xTxS[:, :, None], s, jnp.finfo(jnp.float32).min)
+
+
+def _grouped(a_BxKxGxTxS, b_BxKxSxH, spec: str):
+  """einsum over [B,K,G*T,S] and [B,K,S,H] views, float32 accumulation."""
+  B, K, G, T, S = a_BxKxGxTxS.shape
+  return jnp.einsum(spec, a_BxKxGxTxS.reshape(B, K, G * T, S), b_BxKxSxH,
+                    preferred_element_type=jnp.float32)
+
+
+def _tile_fwd(q, k, v, mask, start: int):
+  """Attention of one query block to keys [start, S): (out [B,K,G,T,H], logsumexp [B,K,G,T])."""
+  s = _scores(q, k[:, :, start:], mask[..., start:])
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  B, K, G, T, H = q.shape
+  out = _grouped(p.astype(v.dtype), v[:, :, start:], "bkqs,bksh->bkqh").reshape(B, K, G, T, H)
+  return (out / l).astype(q.dtype), (m + jnp.log(l))[..., 0]
+
+
+def _tile_bwd(q, k, v, mask, out, lse, d_out, start: int):
+  """Gradients of `_tile_fwd` (probabilities recomputed); dk, dv padded back to [B,K,S,H]."""
+  B, K, G, T, H = q.shape
+  ks, vs = k[:, :, start:], v[:, :, start:]
+  p = jnp.exp(_scores(q, ks, mask[..., start:]) - lse[..., None])
+  do_q = d_out.reshape(B, K, G * T, H)
+  dv = jnp.einsum("bkqs,bkqh->bksh", p.reshape(B, K, G * T, -1).astype(v.dtype), do_q,
+                  preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bkqh,bksh->bkqs", do_q, vs, preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = p * (dp.reshape(p.shape) - delta)
+  dq = _grouped(ds.astype(q.dtype), ks, "bkqs,bksh->bkqh").reshape(q.shape)
+  dk = jnp.einsum("bkqs,bkqh->bksh", ds.reshape(B, K, G * T, -1).astype(q.dtype),
+                  q.reshape(B, K, G * T, H), preferred_element_type=jnp.float32)
+  pad = ((0, 0), (0, 0), (start, 0), (0, 0))
+  return dq.astype(q.dtype), jnp.pad(dk, pad).astype(k.dtype), jnp.pad(dv, pad).astype(v.dtype)
+
+
+def _blocks(T: int, block: int):
+  """(lo, hi, the key-tile starts it may begin at) of each query block."""
+  ends = [min(T, lo + block) for lo in range(0, T, block)]
+  return [(lo, hi, range(0, hi, block)) for lo, hi in zip(range(0, T, block), ends)]
+
+
+def _first_tile(mask_Bx1xTxS, block: int) -> jax.Array:
+  """The first key tile any query of the block sees; every earlier tile is fully masked."""
+  return (jnp.min(jnp.argmax(mask_Bx1xTxS[:, 0], axis=-1)) // block).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_attention(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block):
+  return _block_attention_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block)[0]
+
+
+def _block_attention_fwd(q, k, v, mask, block):
+  outs, lses = [], []
+  for lo, hi, starts in _blocks(q.shape[3], block):
+    m = mask[:, :, lo:hi, :hi]
+    out, lse = jax.lax.switch(_first_tile(m, block),
+                              [functools.partial(_tile_fwd, start=s) for s in starts],
+                              q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], m)
+    outs.append(out)
+    lses.append(lse)
+  out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _block_attention_bwd(block, res, d_out):
+  q, k, v, mask, out, lse = res
+  dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  for lo, hi, starts in _blocks(q.shape[3], block):
+    m = mask[:, :, lo:hi, :hi]
+    dq, dk_i, dv_i = jax.lax.switch(
+        _first_tile(m, block), [functools.partial(_tile_bwd, start=s) for s in starts],
+        q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], m, out[:, :, :, lo:hi],
+        lse[:, :, :, lo:hi], d_out[:, :, :, lo:hi])
+    dqs.append(dq)
+    dk, dv = dk.at[:, :, :hi].add(dk_i), dv.at[:, :, :hi].add(dv_i)
+  return jnp.concatenate(dqs, axis=3), dk, dv, None
+
+
+_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
+
+
+def block_causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+                           mask_Bx1xTxT: jax.Array, block: int = 128) -> jax.Array:
+  """Softmax attention in query blocks over only the key tiles they can see: [B,N,T,H].
+
+  Block i reads keys up to its own end (needs a lower-triangular mask, `decoder_mask`),
+  starting at the first tile any of its queries sees (a `lax.switch` over static starts),
+  so causal and cross-document tiles are skipped. Exact: skipped tiles are fully masked.
+  The backward recomputes probabilities from the saved log-sum-exp, like flash attention.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  q_BxNxTxH = (q_BxTxNxH * jnp.asarray(H ** -0.5, q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
+  q_BxKxGxTxH = q_BxNxTxH.reshape(B, K, N // K, T, H)  # query head n reads kv head n // G
+  out = _block_attention(q_BxKxGxTxH, k_BxTxKxH.transpose(0, 2, 1, 3),
+                         v_BxTxKxH.transpose(0, 2, 1, 3), mask_Bx1xTxT, block)
+  return out.reshape(B, N, T, H)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with optional q/k/v bias and per-head q/k RMSNorm."""
 
@@ -125,8 +248,38 @@ class Attention(nnx.Module):
     return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(q_BxTxNxH.dtype))
 
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
+    """Full-sequence attention; `mask_Bx1xTxT` must be lower-triangular (`decoder_mask`)."""
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, inv_freq)
+    # XLA:CPU: blockwise, skipping fully masked key tiles (causal, other documents,
+    # padding), ~2x less than torch's SDPA per layer on packed rows; elsewhere the library
+    # kernel (cudnn, or XLA's attention on GPU/TPU, where this path is unmeasured).
+    if self.cfg.attention == "xla" and jax.default_backend() == "cpu":
+      with jax.named_scope("block_attention"):
+        out_BxNxTxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
+      return jnp.einsum("bnth,nhd->btd", out_BxNxTxH, self.o_proj[...].astype(q.dtype))
     return self.attend(q, k, v, mask_Bx1xTxT)
+
+
+@jax.custom_vjp
+def swiglu(gate_up_BxTx2xF: jax.Array) -> jax.Array:
+  """silu(gate) * up of a stacked [B, T, 2, F] pair."""
+  return jax.nn.silu(gate_up_BxTx2xF[:, :, 0]) * gate_up_BxTx2xF[:, :, 1]
+
+
+def _swiglu_fwd(gate_up_BxTx2xF):
+  return swiglu(gate_up_BxTx2xF), gate_up_BxTx2xF
+
+
+def _swiglu_bwd(gate_up_BxTx2xF, d_BxTxF):
+  gate, up = gate_up_BxTx2xF[:, :, 0], gate_up_BxTx2xF[:, :, 1]
+  sig = jax.nn.sigmoid(gate)
+  d_gate_up = jnp.stack([d_BxTxF * up * sig * (1 + gate * (1 - sig)), d_BxTxF * gate * sig], axis=2)
+  # The weight gradient needs this transposed; without the barrier XLA:CPU fuses the
+  # elementwise math into that transpose, which ran ~10x slower than computing then copying.
+  return (jax.lax.optimization_barrier(d_gate_up),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -141,7 +294,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     dt = x_BxTxD.dtype
-    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_proj[...].astype(dt))
-    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_proj[...].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                      self.down_proj[...].astype(dt))
+    # gate and up as one matmul (one read of x, one transposed copy of x for the gradient).
+    w_Dx2xF = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
+    gate_up_BxTx2xF = jnp.einsum("btd,dcf->btcf", x_BxTxD, w_Dx2xF)
+    return jnp.einsum("btf,fd->btd", swiglu(gate_up_BxTx2xF), self.down_proj[...].astype(dt))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ease_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, dtype_of, param
+from ease_jax.models.layers import MLP, Attention, RMSNorm, decoder_mask, dtype_of, param
 from ease_jax.models.layers import rope_inv_freq
 from ease_jax.sharding import constrain
 
@@ -87,9 +87,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
-    x_BxTxD = x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), positions_BxT,
-                                  mask_Bx1xTxT, inv_freq)
-    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+    with jax.named_scope("attn"):  # names in profiles and HLO dumps
+      x_BxTxD = x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), positions_BxT,
+                                    mask_Bx1xTxT, inv_freq)
+    with jax.named_scope("mlp"):
+      return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 
 def _run_block(block: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
@@ -138,11 +140,12 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
-    mask_Bx1xTxT = attention_mask(segment_ids, segment_ids, positions, positions)
+    mask_Bx1xTxT = decoder_mask(segment_ids, positions)
     inv_freq = self.inv_freq()
     run = _run_block_remat if self.cfg.remat else _run_block
     x_BxTxD = self.embed_tokens(tokens_BxT)
     for block in self.layers:
       x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
       x_BxTxD = run(block, x_BxTxD, positions, mask_Bx1xTxT, inv_freq)
-    return constrain(self.logits(x_BxTxD), ("batch", None, "vocab"))
+    with jax.named_scope("head"):
+      return constrain(self.logits(x_BxTxD), ("batch", None, "vocab"))
