@@ -31,11 +31,9 @@ from ease_jax import generate as G  # noqa: E402
 from ease_jax.config import SourceConfig  # noqa: E402
 from ease_jax.data import records  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
+from ease_jax.stages import detect_adapter  # noqa: E402
 
 ADAPTERS = ("auto", "prompts", *records.ADAPTERS)
-# First-row field -> the record adapter that reads it (checked in this order).
-_DETECT = (("messages", "prompts"), ("prompt", "prompts"), ("question", "star"),
-           ("original_question", "ease10k"), ("data_type", "wildjailbreak"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,13 +83,7 @@ def read_inputs(path: str, adapter: str) -> list[dict]:
   """Rows of `path` as {id, messages, category}; errors name the file and line."""
   src = SourceConfig(adapter="prompt_response", path=path)
   if adapter == "auto":
-    first = next((row for _, row in records.read_rows(src) if isinstance(row, dict)), None)
-    if first is None:
-      raise DataError("no rows", path=path)
-    adapter = next((a for key, a in _DETECT if key in first), None)
-    if adapter is None:
-      raise DataError(f"cannot tell the format from the fields {sorted(first)}; pass --adapter",
-                      path=path)
+    adapter = detect_adapter(path)
   if adapter != "prompts":
     recs = records.load_records(SourceConfig(adapter=adapter, path=path))
     return [{"id": r.id or str(i), "category": r.category,
