@@ -13,6 +13,7 @@ cannot be parsed gives `valid=False` (and `unsafe=False`): callers count those, 
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.util
 import os
@@ -90,7 +91,7 @@ def parse_guard_output(text: str) -> Verdict:
 
 # ---------------------------------------------------------------- the interface
 
-class Judge:
+class Judge(abc.ABC):
   """Judges (prompt, response) pairs; subclasses implement `_judge`."""
   name = "judge"
 
@@ -106,8 +107,9 @@ class Judge:
                       f"{len(prompts)} pairs")
     return verdicts
 
+  @abc.abstractmethod
   def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
-    raise NotImplementedError
+    """One verdict per (prompt, response) pair; subclasses implement it."""
 
 
 # ---------------------------------------------------------------- refusal phrases (weak)
