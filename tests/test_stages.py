@@ -183,8 +183,8 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, files, capsys):
     assert err.splitlines()[-1].startswith("error: ")
     return err
   assert "file not found" in run("diagnose", "--responses", "nope.jsonl", "--judge", "refusal",
-                                 "--out", "d")
-  assert "either --model" in main("diagnose", "--judge", "refusal", "--out", "d")
+                                 "--out", str(tmp_path / "d"))
+  assert "either --model" in main("diagnose", "--judge", "refusal", "--out", str(tmp_path / "d"))
   assert "unknown judge" in main("diagnose", "--responses", files["responses"], "--judge",
                                  "gpt", "--out", str(tmp_path / "d"))
   safe = write(tmp_path / "safe.jsonl", [{"prompt": "p", "answer": "a", "verdict": "safe"}])
