@@ -23,7 +23,6 @@ from ease_jax.models.layers import dtype_of
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
                  "Qwen3ForCausalLM": "qwen3"}
 FAMILY_ARCH = {v: k for k, v in ARCHITECTURES.items()}
-FAMILY_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
 
 
 def _rope_from_hf(hf: dict) -> tuple[float, tuple | None]:
@@ -45,7 +44,8 @@ def config_from_hf(hf: dict, **overrides: Any) -> DecoderConfig:
   """Maps a transformers `config.json` dict onto a DecoderConfig."""
   archs = hf.get("architectures") or []
   family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-  family = family or {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}.get(hf.get("model_type"))
+  if family is None and hf.get("model_type") in FAMILY_ARCH:  # model_type names the family
+    family = hf["model_type"]
   if family is None:
     raise UserError(f"config.json: unsupported architecture {archs or hf.get('model_type')!r}; "
                     f"supported: {', '.join(ARCHITECTURES)}")
