@@ -66,15 +66,10 @@ def _numerics(cfg: Config) -> dict:
 
 
 def _from_ckpt(cfg: Config, spec: str, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:
-  """Builds the model abstractly, then restores only its parameters, already sharded."""
+  """Only the parameters of another run's checkpoint, restored already sharded on `mesh`."""
   run_dir, step = checkpoint.parse_ckpt_spec(spec)
-  model_cfg, step = checkpoint.read_model_config(run_dir, step)
-  model_cfg = model_cfg.replace(**_numerics(cfg))
-  model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  target = checkpoint.with_shardings(params, sharding.param_shardings(mesh, params))
-  params = checkpoint.restore_params(run_dir, step, target)
-  return nnx.merge(graphdef, params, rest), model_cfg
+  model, model_cfg, _ = checkpoint.load_model(run_dir, step, mesh, **_numerics(cfg))
+  return model, model_cfg
 
 
 def init_model(cfg: Config, vocab_size: int, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:
