@@ -54,18 +54,6 @@ def phase_configs(config_dir: Path, run_dir: str, overrides: list[str]) -> tuple
   return phase1, phase2
 
 
-def evaluate_run(run_dir: Path, eval_file: str, out_dir: Path, max_new_tokens: int) -> dict:
-  """Greedy selective-reasoning evaluation of a run's latest checkpoint."""
-  from ease_jax import generate as G
-  model, cfg, tokenizer = G.load_generation_model(str(run_dir))
-  generator = G.Generator(model, cfg, tokenizer, batch_size=20)
-  report, rows = E.evaluate(generator, E.read_eval_file(eval_file),
-                            G.SamplingConfig(max_new_tokens=max_new_tokens))
-  report.update(model=str(run_dir), eval=eval_file)
-  E.write_report(report, out_dir, rows, title=run_dir.name)
-  return report
-
-
 def goal_lines(phase1: dict, phase2: dict) -> list[str]:
   """Each demo goal with the measured value and whether it holds."""
   lines = []
@@ -113,8 +101,10 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) 
   print(f"== phase 2: boundary calibration (three-way mix) -> {cfg2.run_dir}")
   print(loop.train(cfg2).summary())
   print(f"== evaluation on held-out prompts ({eval_file})")
-  report1 = evaluate_run(Path(cfg1.run_dir), eval_file, Path(cfg1.run_dir) / "eval", max_new_tokens)
-  report2 = evaluate_run(Path(cfg2.run_dir), eval_file, run_dir / "eval", max_new_tokens)
+  report1 = E.evaluate_model(cfg1.run_dir, eval_file, Path(cfg1.run_dir) / "eval", max_new_tokens,
+                             batch_size=20)
+  report2 = E.evaluate_model(cfg2.run_dir, eval_file, run_dir / "eval", max_new_tokens,
+                             batch_size=20)
   print(f"== export of the phase-2 model -> {run_dir / 'export'}")
   model, model_cfg, tokenizer = G.load_generation_model(cfg2.run_dir)
   export.save_pretrained(model, model_cfg, run_dir / "export", tokenizer=tokenizer,

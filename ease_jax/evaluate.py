@@ -186,3 +186,19 @@ def evaluate(generator: Any, items: list[EvalItem], sampling: Any, judge: Any = 
            "new_tokens": o.new_tokens, "think_tokens": o.think_tokens, "reasoned": o.reasoned,
            "refused": o.refused, "unsafe": o.unsafe} for i, o in zip(items, outcomes)]
   return summarize(outcomes, seconds), rows
+
+
+def evaluate_model(model: str, eval_file: str, out_dir: str | Path, max_new_tokens: int = 256,
+                   batch_size: int = 16, judge: Any = None, adapter: str = "prompt_response",
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+  """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`."""
+  from ease_jax import generate as G
+
+  items = read_eval_file(eval_file, adapter)  # a bad file fails before the model loads
+  weights, cfg, tokenizer = G.load_generation_model(model)
+  generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size)
+  report, rows = evaluate(generator, items, G.SamplingConfig(max_new_tokens=max_new_tokens),
+                          judge, progress=progress)
+  report.update(model=model, eval=eval_file, judge=getattr(judge, "name", None))
+  write_report(report, out_dir, rows, title=Path(model).name)
+  return report

@@ -186,15 +186,10 @@ def markdown(ranking: list[dict], meta: dict) -> str:
 def evaluate_student(run_dir: Path, eval_file: str, judge: Any, max_new_tokens: int,
                      batch_size: int) -> dict:
   """Greedy evaluation of a student's latest checkpoint -> RUN_DIR/eval (report.json, ...)."""
-  from ease_jax import evaluate as E, generate as G
+  from ease_jax import evaluate as E
 
-  model, cfg, tokenizer = G.load_generation_model(str(run_dir))
-  generator = G.Generator(model, cfg, tokenizer, batch_size=batch_size)
-  report, rows = E.evaluate(generator, E.read_eval_file(eval_file),
-                            G.SamplingConfig(max_new_tokens=max_new_tokens), judge)
-  report.update(model=str(run_dir), eval=eval_file)
-  E.write_report(report, run_dir / "eval", rows, title=run_dir.name)
-  return report
+  return E.evaluate_model(str(run_dir), eval_file, run_dir / "eval", max_new_tokens,
+                          batch_size, judge)
 
 
 def select(base: Config, candidates: list[Candidate], eval_file: str, out_dir: str | Path,

@@ -35,18 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from ease_jax import evaluate as E
-  from ease_jax import generate as G
   from ease_jax.judges import make_judge
 
-  items = E.read_eval_file(args.eval, args.adapter)
-  model, cfg, tokenizer = G.load_generation_model(args.model)
-  generator = G.Generator(model, cfg, tokenizer, batch_size=args.batch_size)
   judge = make_judge(args.judge) if args.judge else None
   progress = lambda done, total: print(f"  generated {done}/{total}", file=sys.stderr)
-  report, rows = E.evaluate(generator, items, G.SamplingConfig(max_new_tokens=args.max_new_tokens),
-                            judge, progress=progress)
-  report.update(model=args.model, eval=args.eval, judge=args.judge)
-  out = E.write_report(report, args.out, rows, title=args.model)
+  report = E.evaluate_model(args.model, args.eval, args.out, args.max_new_tokens,
+                            args.batch_size, judge, args.adapter, progress)
+  out = Path(args.out)
   print(E.markdown(report, title=f"{args.model} on {args.eval}"))
   print(f"wrote {out / 'report.json'}, report.md, chart.png, generations.jsonl")
   return 0
