@@ -145,7 +145,7 @@ def test_block_causal_attention_equals_dense(rows, T, block):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
   def blockwise(q, k, v):
-    return layers.block_causal_attention(q, k, v, mask, block=block).transpose(0, 2, 1, 3)
+    return layers.block_causal_attention(q, k, v, mask, block=block)
 
   np.testing.assert_allclose(jax.jit(blockwise)(q, k, v), jax.jit(dense)(q, k, v), atol=2e-6)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)

@@ -29,6 +29,43 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+def linear(x_BxTxD: jax.Array, w_DxN: jax.Array, out_dtype=None) -> jax.Array:
+  """x @ w over the last axis of x (accumulated in `out_dtype` if given): [B, T, N].
+
+  On XLA:CPU the gradient goes through `_cpu_linear`, which multiplies an explicitly
+  transposed x for the weight gradient. Left to itself XLA:CPU transposed the (wider)
+  output gradient instead: 12% slower on the MLP, 15% on the q/k/v projections and
+  2x slower on the tied LM head with its cross-entropy (fwd+bwd microbenchmarks of the
+  benchmark's shapes). Elsewhere a plain einsum.
+  """
+  if jax.default_backend() == "cpu":
+    return _cpu_linear(x_BxTxD, w_DxN, out_dtype)
+  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_linear(x_BxTxD, w_DxN, out_dtype):
+  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=out_dtype)
+
+
+def _cpu_linear_fwd(x_BxTxD, w_DxN, out_dtype):
+  return _cpu_linear(x_BxTxD, w_DxN, out_dtype), (x_BxTxD, w_DxN)
+
+
+def _cpu_linear_bwd(out_dtype, res, d_BxTxN):
+  x_BxTxD, w_DxN = res
+  d_BxTxN = d_BxTxN.astype(x_BxTxD.dtype)
+  x_DxM = jax.lax.optimization_barrier(x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).T)
+  d_w = jnp.dot(x_DxM, d_BxTxN.reshape(-1, d_BxTxN.shape[-1]),
+                preferred_element_type=jnp.float32).astype(w_DxN.dtype)
+  d_x = jnp.einsum("btn,dn->btd", d_BxTxN, w_DxN,
+                   preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
+  return d_x, d_w
+
+
+_cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm, computed in float32 like transformers."""
 
@@ -96,49 +133,49 @@ def decoder_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Ar
   return mask & in_order_TxT
 
 
-def _scores(q_BxKxGxTxH, k_BxKxSxH, mask_Bx1xTxS):
-  """Masked float32 scores [B,K,G,T,S]; the G query heads of a kv head as one [G*T, H] matrix
-  (a plain batched matmul, no repeated keys)."""
-  B, K, G, T, H = q_BxKxGxTxH.shape
-  s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGxTxH.reshape(B, K, G * T, H), k_BxKxSxH,
-                 preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
-  return jnp.where(mask_Bx1xTxS[:, :, None], s, jnp.finfo(jnp.float32).min)
+_NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def _grouped(a_BxKxGxTxS, b_BxKxSxH, spec: str):
-  """einsum over [B,K,G*T,S] and [B,K,S,H] views, float32 accumulation."""
-  B, K, G, T, S = a_BxKxGxTxS.shape
-  return jnp.einsum(spec, a_BxKxGxTxS.reshape(B, K, G * T, S), b_BxKxSxH,
-                    preferred_element_type=jnp.float32)
-
-
-def _tile_fwd(q, k, v, mask, start: int):
-  """Attention of one query block to keys [start, S): (out [B,K,G,T,H], logsumexp [B,K,G,T])."""
-  s = _scores(q, k[:, :, start:], mask[..., start:])
+def _tile_fwd(q, k, v, mask, *, lo: int, hi: int, start: int):
+  """Queries [lo, hi) ([B,K,t,G,H]) against keys [start, hi) of k/v [B,K,T,H] under the
+  [B,1,T,T] mask: (out [B,K,t,G,H], logsumexp [B,K,t,G]). The G query heads of a kv head
+  are one [t*G, H] matrix, so every product is a plain batched matmul (no repeated keys)."""
+  B, K, t, G, H = q.shape
+  ks, vs = k[:, :, start:hi], v[:, :, start:hi]
+  s = jnp.einsum("bkqh,bksh->bkqs", q.reshape(B, K, t * G, H), ks,
+                 preferred_element_type=jnp.float32).reshape(B, K, t, G, -1)
+  s = jnp.where(mask[:, :, lo:hi, None, start:hi], s, _NEG)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
-  B, K, G, T, H = q.shape
-  out = _grouped(p.astype(v.dtype), v[:, :, start:], "bkqs,bksh->bkqh").reshape(B, K, G, T, H)
+  out = jnp.einsum("bkqs,bksh->bkqh", p.reshape(B, K, t * G, -1).astype(v.dtype), vs,
+                   preferred_element_type=jnp.float32).reshape(B, K, t, G, H)
   return (out / l).astype(q.dtype), (m + jnp.log(l))[..., 0]
 
 
-def _tile_bwd(q, k, v, mask, out, lse, d_out, start: int):
-  """Gradients of `_tile_fwd` (probabilities recomputed); dk, dv padded back to [B,K,S,H]."""
-  B, K, G, T, H = q.shape
-  ks, vs = k[:, :, start:], v[:, :, start:]
-  p = jnp.exp(_scores(q, ks, mask[..., start:]) - lse[..., None])
-  do_q = d_out.reshape(B, K, G * T, H)
-  dv = jnp.einsum("bkqs,bkqh->bksh", p.reshape(B, K, G * T, -1).astype(v.dtype), do_q,
+def _tile_bwd(q, k, v, mask, delta, lse, d_out, *, lo: int, hi: int, start: int):
+  """Gradients of `_tile_fwd` from the saved logsumexp (`delta` = rowsum(d_out * out));
+  dk, dv padded back to [B,K,hi,H]."""
+  B, K, t, G, H = q.shape
+  ks, vs = k[:, :, start:hi], v[:, :, start:hi]
+  q_f, do_f = q.reshape(B, K, t * G, H), d_out.reshape(B, K, t * G, H)
+  # Keys-major [S, t*G] tiles, so dv and dk are plain matmuls: XLA:CPU ran the
+  # transposed-left form ("bkqs,bkqh->bksh") through a slow generic dot.
+  s_t = jnp.einsum("bksh,bkqh->bksq", ks, q_f, preferred_element_type=jnp.float32)
+  mask_t = jnp.swapaxes(mask[:, :, lo:hi, start:hi], 2, 3)[..., None]  # [B,1,S,t,1]
+  s_t = jnp.where(mask_t, s_t.reshape(B, K, -1, t, G), _NEG).reshape(s_t.shape)
+  p_t = jnp.exp(s_t - lse.reshape(B, K, 1, t * G))
+  dv = jnp.einsum("bksq,bkqh->bksh", p_t.astype(v.dtype), do_f,
                   preferred_element_type=jnp.float32)
-  dp = jnp.einsum("bkqh,bksh->bkqs", do_q, vs, preferred_element_type=jnp.float32)
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = p * (dp.reshape(p.shape) - delta)
-  dq = _grouped(ds.astype(q.dtype), ks, "bkqs,bksh->bkqh").reshape(q.shape)
-  dk = jnp.einsum("bkqs,bkqh->bksh", ds.reshape(B, K, G * T, -1).astype(q.dtype),
-                  q.reshape(B, K, G * T, H), preferred_element_type=jnp.float32)
+  dp_t = jnp.einsum("bksh,bkqh->bksq", vs, do_f, preferred_element_type=jnp.float32)
+  ds_t = p_t * (dp_t - delta.reshape(B, K, 1, t * G))
+  dk = jnp.einsum("bksq,bkqh->bksh", ds_t.astype(q.dtype), q_f,
+                  preferred_element_type=jnp.float32)
+  ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 2, 3)).astype(q.dtype)
+  dq = jnp.einsum("bkqs,bksh->bkqh", ds, ks, preferred_element_type=jnp.float32)
   pad = ((0, 0), (0, 0), (start, 0), (0, 0))
-  return dq.astype(q.dtype), jnp.pad(dk, pad).astype(k.dtype), jnp.pad(dv, pad).astype(v.dtype)
+  return (dq.reshape(q.shape).astype(q.dtype), jnp.pad(dk, pad).astype(k.dtype),
+          jnp.pad(dv, pad).astype(v.dtype))
 
 
 def _blocks(T: int, block: int):
@@ -152,36 +189,41 @@ def _first_tile(mask_Bx1xTxS, block: int) -> jax.Array:
   return (jnp.min(jnp.argmax(mask_Bx1xTxS[:, 0], axis=-1)) // block).astype(jnp.int32)
 
 
+def _tiles(fn, mask, lo: int, hi: int, starts, block: int):
+  """`fn` for query block [lo, hi), switched on its first visible key tile."""
+  index = _first_tile(mask[:, :, lo:hi, :hi], block)
+  branches = [functools.partial(fn, lo=lo, hi=hi, start=s) for s in starts]
+  return lambda *operands: jax.lax.switch(index, branches, *operands)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block_attention(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block):
-  return _block_attention_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block)[0]
+def _block_attention(q_BxKxTxGxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block):
+  return _block_attention_fwd(q_BxKxTxGxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block)[0]
 
 
 def _block_attention_fwd(q, k, v, mask, block):
   outs, lses = [], []
-  for lo, hi, starts in _blocks(q.shape[3], block):
-    m = mask[:, :, lo:hi, :hi]
-    out, lse = jax.lax.switch(_first_tile(m, block),
-                              [functools.partial(_tile_fwd, start=s) for s in starts],
-                              q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], m)
+  for lo, hi, starts in _blocks(q.shape[2], block):
+    out, lse = _tiles(_tile_fwd, mask, lo, hi, starts, block)(q[:, :, lo:hi], k, v, mask)
     outs.append(out)
     lses.append(lse)
-  out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+  out, lse = jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
   return out, (q, k, v, mask, out, lse)
 
 
 def _block_attention_bwd(block, res, d_out):
   q, k, v, mask, out, lse = res
   dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
-  for lo, hi, starts in _blocks(q.shape[3], block):
-    m = mask[:, :, lo:hi, :hi]
-    dq, dk_i, dv_i = jax.lax.switch(
-        _first_tile(m, block), [functools.partial(_tile_bwd, start=s) for s in starts],
-        q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], m, out[:, :, :, lo:hi],
-        lse[:, :, :, lo:hi], d_out[:, :, :, lo:hi])
+  # Once for all blocks, behind a barrier: XLA:CPU otherwise fused this reduction into each
+  # tile's [t*G, S] elementwise math and recomputed it per score.
+  delta = jax.lax.optimization_barrier(
+      jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1))
+  for lo, hi, starts in _blocks(q.shape[2], block):
+    dq, dk_i, dv_i = _tiles(_tile_bwd, mask, lo, hi, starts, block)(
+        q[:, :, lo:hi], k, v, mask, delta[:, :, lo:hi], lse[:, :, lo:hi], d_out[:, :, lo:hi])
     dqs.append(dq)
     dk, dv = dk.at[:, :, :hi].add(dk_i), dv.at[:, :, :hi].add(dv_i)
-  return jnp.concatenate(dqs, axis=3), dk, dv, None
+  return jnp.concatenate(dqs, axis=2), dk, dv, None
 
 
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
@@ -189,20 +231,20 @@ _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
 
 def block_causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                            mask_Bx1xTxT: jax.Array, block: int = 128) -> jax.Array:
-  """Softmax attention in query blocks over only the key tiles they can see: [B,N,T,H].
+  """Softmax attention in query blocks over only the key tiles they can see: [B,T,N,H].
 
   Block i reads keys up to its own end (needs a lower-triangular mask, `decoder_mask`),
   starting at the first tile any of its queries sees (a `lax.switch` over static starts),
   so causal and cross-document tiles are skipped. Exact: skipped tiles are fully masked.
   The backward recomputes probabilities from the saved log-sum-exp, like flash attention.
+  Queries are laid out [B,K,T,G,H] so a query block is one contiguous slice per kv head.
   """
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxTxKxH.shape[2]
-  q_BxNxTxH = (q_BxTxNxH * jnp.asarray(H ** -0.5, q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
-  q_BxKxGxTxH = q_BxNxTxH.reshape(B, K, N // K, T, H)  # query head n reads kv head n // G
-  out = _block_attention(q_BxKxGxTxH, k_BxTxKxH.transpose(0, 2, 1, 3),
+  q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(H ** -0.5, q_BxTxNxH.dtype)).reshape(B, T, K, N // K, H)
+  out = _block_attention(q_BxTxKxGxH.transpose(0, 2, 1, 3, 4), k_BxTxKxH.transpose(0, 2, 1, 3),
                          v_BxTxKxH.transpose(0, 2, 1, 3), mask_Bx1xTxT, block)
-  return out.reshape(B, N, T, H)
+  return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)  # query head n = k * G + g
 
 
 class Attention(nnx.Module):
@@ -228,10 +270,9 @@ class Attention(nnx.Module):
   def project_qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                   inv_freq: jnp.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projects to rotated queries [B,T,N,H] and keys/values [B,T,K,H]."""
-    dt = x_BxTxD.dtype
-    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v_proj[...].astype(dt))
+    dt, (B, T, D) = x_BxTxD.dtype, x_BxTxD.shape
+    q, k, v = (linear(x_BxTxD, w[...].astype(dt).reshape(D, -1)).reshape(B, T, -1, w.shape[-1])
+               for w in (self.q_proj, self.k_proj, self.v_proj))
     if self.cfg.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                  v + self.v_bias[...].astype(dt))
@@ -255,8 +296,8 @@ class Attention(nnx.Module):
     # kernel (cudnn, or XLA's attention on GPU/TPU, where this path is unmeasured).
     if self.cfg.attention == "xla" and jax.default_backend() == "cpu":
       with jax.named_scope("block_attention"):
-        out_BxNxTxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
-      return jnp.einsum("bnth,nhd->btd", out_BxNxTxH, self.o_proj[...].astype(q.dtype))
+        out_BxTxNxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
+      return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(q.dtype))
     return self.attend(q, k, v, mask_Bx1xTxT)
 
 
@@ -295,6 +336,7 @@ class MLP(nnx.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     dt = x_BxTxD.dtype
     # gate and up as one matmul (one read of x, one transposed copy of x for the gradient).
-    w_Dx2xF = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
-    gate_up_BxTx2xF = jnp.einsum("btd,dcf->btcf", x_BxTxD, w_Dx2xF)
+    (B, T, D), F = x_BxTxD.shape, self.gate_proj.shape[-1]
+    w_Dx2F = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt).reshape(D, -1)
+    gate_up_BxTx2xF = linear(x_BxTxD, w_Dx2F).reshape(B, T, 2, F)
     return jnp.einsum("btf,fd->btd", swiglu(gate_up_BxTx2xF), self.down_proj[...].astype(dt))

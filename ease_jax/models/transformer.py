@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ease_jax.models.layers import MLP, Attention, RMSNorm, decoder_mask, dtype_of, param
+from ease_jax.models.layers import (MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear,
+                                   param)
 from ease_jax.models.layers import rope_inv_freq
 from ease_jax.sharding import constrain
 
@@ -128,10 +129,10 @@ class Decoder(nnx.Module):
     """Final norm and the (tied or untied) output projection, accumulated in float32."""
     x_BxTxD = self.norm(x_BxTxD)
     if self.cfg.tie_embeddings:
-      w_VxD = self.embed[...].astype(x_BxTxD.dtype)
-      return jnp.einsum("btd,vd->btv", x_BxTxD, w_VxD, preferred_element_type=jnp.float32)
-    w_DxV = self.lm_head[...].astype(x_BxTxD.dtype)
-    return jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+      w_DxV = self.embed[...].astype(x_BxTxD.dtype).T
+    else:
+      w_DxV = self.lm_head[...].astype(x_BxTxD.dtype)
+    return linear(x_BxTxD, w_DxV, jnp.float32)
 
   def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
