@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ease_jax.config import SourceConfig
-from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, read_rows
+from ease_jax.data.readers import read_rows
+from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records
 from ease_jax.errors import DataError
 
 CLASS_ORDER = ("benign", "harmful", "adversarial_harmful", "adversarial_benign")

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ease_jax.config import SourceConfig
-from ease_jax.data.records import ADAPTERS, ROLES, _str, read_rows
+from ease_jax.data.readers import read_rows
+from ease_jax.data.records import ADAPTERS, ROLES, _str
 from ease_jax.errors import DataError, UserError
 from ease_jax.judges import Judge, Verdict
 

@@ -170,8 +170,8 @@ def test_huge_lines(tmp_path, monkeypatch):
   src = SourceConfig(adapter="prompt_response", path=str(tmp_path / "big.jsonl"))
   assert len(load_records(src)) == 2
   # ... but a line over the limit is a bad row, and reading resumes at the next line.
-  from ease_jax.data import records
-  monkeypatch.setattr(records, "MAX_LINE_BYTES", 1 << 20)
+  from ease_jax.data import readers
+  monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1 << 20)
   with pytest.raises(DataError, match=r"big.jsonl:1: the line is longer than 1048576 bytes"):
     load_records(src)
   bad = BadRecords()

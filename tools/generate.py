@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import generate as G  # noqa: E402
 from ease_jax.config import SourceConfig  # noqa: E402
-from ease_jax.data import records  # noqa: E402
+from ease_jax.data import readers, records  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
 from ease_jax.stages import detect_adapter  # noqa: E402
 
@@ -90,7 +90,7 @@ def read_inputs(path: str, adapter: str) -> list[dict]:
              "messages": [{"role": role, "content": c} for role, c in r.messages]}
             for i, r in enumerate(recs)]
   out = []
-  for i, (loc, row) in enumerate(records.read_rows(src)):
+  for i, (loc, row) in enumerate(readers.read_rows(src)):
     try:
       if isinstance(row, DataError):
         raise row

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--scale", type=float, default=0.5,
                   help="length scale of the mix (1.0 = tools/bench/data.py lengths)")
   ap.add_argument("--batch-size", type=int, default=2, help="rows per step, padded and packed")
+  ap.add_argument("--max-length", type=int, default=None,
+                  help="the reference's padding length and ease-jax's row length (default: "
+                       "the longest example rounded up to 8, the setting most favourable to "
+                       "the reference; the recipe itself pads to 8,192)")
   ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (a)+(c), (b)")
   ap.add_argument("--hidden", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
@@ -223,7 +227,11 @@ def setup(args: argparse.Namespace, directory: str) -> dict:
   ensure_think_tokens(tok)
   sources = common.write_sources(directory, common.ease_mix(args.examples, args.seed, args.scale))
   examples = render(load_records(sources[0]), tok)
-  max_len = 8 * math.ceil(max(len(e.ids) for e in examples) / 8)
+  longest = 8 * math.ceil(max(len(e.ids) for e in examples) / 8)
+  if args.max_length is not None and args.max_length < longest:
+    raise SystemExit(f"--max-length {args.max_length} is shorter than the longest example "
+                     f"({longest} tokens rounded up to 8)")
+  max_len = args.max_length or longest
   train = TrainConfig(batch_size=args.batch_size, seq_len=max_len, seed=args.seed)
   cfg = Config(data=DataConfig(train=sources), train=train, loss=LossConfig(normalize="token"))
   make_pipeline = lambda: pl.Pipeline(cfg.data, tok, max_len, args.batch_size, args.seed,
