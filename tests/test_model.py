@@ -165,3 +165,28 @@ def test_long_packed_documents_equal_separate_runs():
   np.testing.assert_allclose(out[0, :150], model(doc_a)[0], atol=2e-5)
   np.testing.assert_allclose(out[0, 150:250], model(doc_b)[0], atol=2e-5)
   assert np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5),
+                                                 (jnp.bfloat16, jnp.float32, 2e-2)])
+def test_linear_equals_einsum_values_and_grads(dtype, out_dtype, tol):
+  """`layers.linear` (its CPU custom_vjp) = a plain einsum: output, dx and dw, incl. bf16."""
+  from ease_jax.models import layers
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(2, 7, 12), dtype)
+  w = jnp.asarray(rng.randn(12, 5), dtype)
+  c = jnp.asarray(rng.randn(2, 7, 5), jnp.float32)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * c)
+
+  plain = lambda x, w: jnp.einsum("btd,dn->btn", x, w, preferred_element_type=out_dtype)
+  mine = lambda x, w: layers.linear(x, w, out_dtype)
+  assert mine(x, w).dtype == plain(x, w).dtype
+  np.testing.assert_allclose(np.asarray(mine(x, w), np.float32),
+                             np.asarray(plain(x, w), np.float32), rtol=tol, atol=tol)
+  got, want = (jax.jit(jax.grad(loss(f), argnums=(0, 1)))(x, w) for f in (mine, plain))
+  for g, v in zip(got, want):
+    assert g.dtype == v.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32),
+                               rtol=tol, atol=tol * 10)
