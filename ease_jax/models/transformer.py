@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ease_jax.models.layers import (MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear,
-                                   param)
-from ease_jax.models.layers import rope_inv_freq
+                                   param, rope_inv_freq)
 from ease_jax.sharding import constrain
 
 

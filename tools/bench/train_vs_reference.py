@@ -6,8 +6,9 @@
 Same model shape, same records, same optimizer settings, one process, the cores it may use:
   (a) reference: transformers Qwen2ForCausalLM in PyTorch (eager, SDPA attention), AdamW with
       global-norm clipping and warmup + cosine, completion-only labels (-100 off the assistant
-      turn), every example padded to max_length = the longest example rounded up to 8 (the
-      reference recipe pads to 8,192). A hand loop doing what transformers' Trainer does per step.
+      turn), every example padded to max_length = the longest example rounded up to 8, or
+      --max-length (the reference recipe pads to 8,192). A hand loop doing what transformers'
+      Trainer does per step.
   (b) ease-jax: the real data pipeline (render, grain first-fit packing into rows of max_length)
       feeding the real jitted train step (`compile_train_step`); pipeline time counts.
   (c) kernel speed: the ease-jax train step on exactly the padded batches of (a). Same inputs
@@ -230,7 +231,7 @@ def setup(args: argparse.Namespace, directory: str) -> dict:
   longest = 8 * math.ceil(max(len(e.ids) for e in examples) / 8)
   if args.max_length is not None and args.max_length < longest:
     raise SystemExit(f"--max-length {args.max_length} is shorter than the longest example "
-                     f"({longest} tokens rounded up to 8)")
+                     f"({longest} tokens, rounded up to 8)")
   max_len = args.max_length or longest
   train = TrainConfig(batch_size=args.batch_size, seq_len=max_len, seed=args.seed)
   cfg = Config(data=DataConfig(train=sources), train=train, loss=LossConfig(normalize="token"))
