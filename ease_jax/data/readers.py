@@ -22,7 +22,6 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
-
 @dataclass(frozen=True)
 class Loc:
   """Where a row came from: a 1-based line (JSONL) or a 0-based row index (arrays, tables)."""

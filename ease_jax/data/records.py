@@ -25,6 +25,8 @@ from ease_jax.errors import DataError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant", "tool")
+
+
 class DuplicateIdWarning(UserWarning):
   """Rows of one source share an `id` (kept, counted)."""
 
