@@ -1,5 +1,7 @@
 """The decoder: packing, sharding, remat and dtype options."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,16 @@ def test_block_causal_attention_equals_dense(rows, T, block):
            for f in (blockwise, dense)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_query_block_bounds_the_branch_count():
+  """Blocks of 128 up to 8 blocks, then larger multiples of 128 (compile time ~ blocks^2)."""
+  from ease_jax.models.layers import MAX_QUERY_BLOCKS, query_block
+  assert [query_block(T) for T in (77, 904, 1024, 1025, 2048, 4096, 8192)] == [
+      128, 128, 128, 256, 256, 512, 1024]
+  for T in range(1, 20000, 97):
+    block = query_block(T)
+    assert block % 128 == 0 and math.ceil(T / block) <= MAX_QUERY_BLOCKS
 
 
 def test_long_packed_documents_equal_separate_runs():
