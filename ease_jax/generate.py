@@ -101,9 +101,10 @@ def _attend(attn, q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
   scores = jnp.where(mask_BxTxS[:, None, None], scores.reshape(B, K, G, T, -1),
                      jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * T, -1)
-  out_BxKxQxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
+  out_BxKxQxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH,
+                           preferred_element_type=jnp.float32).astype(v_BxKxSxH.dtype)
   out_BxTxNxH = out_BxKxQxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-  return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, attn.o_proj[...].astype(q_BxTxNxH.dtype))
+  return attn.project_out(out_BxTxNxH)
 
 
 def _forward(model, tokens_BxT, positions_BxT, slot, valid_BxS, k_caches, v_caches):

@@ -179,9 +179,11 @@ def test_long_packed_documents_equal_separate_runs():
   assert np.all(np.isfinite(np.asarray(out)))
 
 
+@pytest.mark.parametrize("narrow", [True, False])
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5),
-                                                 (jnp.bfloat16, jnp.float32, 2e-2)])
-def test_linear_equals_einsum_values_and_grads(dtype, out_dtype, tol):
+                                                 (jnp.bfloat16, jnp.float32, 2e-2),
+                                                 (jnp.bfloat16, None, 2e-2)])
+def test_linear_equals_einsum_values_and_grads(dtype, out_dtype, tol, narrow):
   """`layers.linear` (its CPU custom_vjp) = a plain einsum: output, dx and dw, incl. bf16."""
   from ease_jax.models import layers
   rng = np.random.RandomState(1)
@@ -193,7 +195,7 @@ def test_linear_equals_einsum_values_and_grads(dtype, out_dtype, tol):
     return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * c)
 
   plain = lambda x, w: jnp.einsum("btd,dn->btn", x, w, preferred_element_type=out_dtype)
-  mine = lambda x, w: layers.linear(x, w, out_dtype)
+  mine = lambda x, w: layers.linear(x, w, out_dtype, narrow_transpose=narrow)
   assert mine(x, w).dtype == plain(x, w).dtype
   np.testing.assert_allclose(np.asarray(mine(x, w), np.float32),
                              np.asarray(plain(x, w), np.float32), rtol=tol, atol=tol)
@@ -202,3 +204,26 @@ def test_linear_equals_einsum_values_and_grads(dtype, out_dtype, tol):
     assert g.dtype == v.dtype == dtype
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32),
                                rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu(narrow):
+  """Forward and both gradients are bf16 x bf16 -> f32 products in the compiled program:
+  XLA:CPU rewrote bf16 -> bf16 products (and a bf16 x^T behind a barrier) into converts
+  around float32 products, which do not use the CPU's bf16 matmul units."""
+  import re
+  from ease_jax.models import layers
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks XLA:CPU's lowering")
+  rng = np.random.RandomState(0)
+  x, w = (jnp.asarray(rng.randn(*shape), jnp.bfloat16) for shape in ((2, 64, 32), (32, 48)))
+  c = jnp.asarray(rng.randn(2, 64, 48), jnp.float32)
+  loss = lambda x, w, c: jnp.sum(layers.linear(x, w, narrow_transpose=narrow).astype(jnp.float32) * c)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  lines = step.lower(x, w, c).compile().as_text().splitlines()
+  types = dict(re.findall(r"%?([\w.\-]+)(?: =|:) (\w+)\[", "\n".join(lines)))
+  dots = [line for line in lines if " dot(" in line]
+  assert len(dots) == 3, "\n".join(lines)
+  for line in dots:
+    operands = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line).groups()
+    assert [types[name] for name in operands] == ["bf16", "bf16"], line

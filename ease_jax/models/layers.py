@@ -29,38 +29,53 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
-def linear(x_BxTxD: jax.Array, w_DxN: jax.Array, out_dtype=None) -> jax.Array:
-  """x @ w over the last axis of x (accumulated in `out_dtype` if given): [B, T, N].
+def linear(x_BxTxD: jax.Array, w_DxN: jax.Array, out_dtype=None, *,
+           narrow_transpose: bool = True) -> jax.Array:
+  """x @ w over the last axis of x, returned in `out_dtype` (default x's dtype): [B, T, N].
 
-  On XLA:CPU the gradient goes through `_cpu_linear`, which multiplies an explicitly
-  transposed x for the weight gradient. Left to itself XLA:CPU transposed the (wider)
-  output gradient instead: 12% slower on the MLP, 15% on the q/k/v projections and
-  2x slower on the tied LM head with its cross-entropy (fwd+bwd microbenchmarks of the
-  benchmark's shapes). Elsewhere a plain einsum.
+  On XLA:CPU two things differ from a plain einsum:
+  - Low-precision (bfloat16) products accumulate in float32 and are cast after. XLA:CPU
+    runs bf16 x bf16 -> f32 natively (AMX where present) but turns bf16 x bf16 -> bf16 into
+    converts and a float32 product.
+  - With `narrow_transpose`, the weight gradient multiplies an explicitly transposed x.
+    Left to itself XLA:CPU transposed the (wider) output gradient instead: 12% slower on the
+    MLP's gate/up, 15% on the q/k/v projections and 2x slower on the tied LM head with its
+    cross-entropy (fwd+bwd microbenchmarks of the benchmark's shapes); slower on the down
+    projection, whose float32 products therefore stay plain einsums.
   """
-  if jax.default_backend() == "cpu":
-    return _cpu_linear(x_BxTxD, w_DxN, out_dtype)
+  if jax.default_backend() == "cpu" and (narrow_transpose or x_BxTxD.dtype != jnp.float32):
+    return _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose)
   return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_linear(x_BxTxD, w_DxN, out_dtype):
-  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=out_dtype)
+def _accumulate_dtype(dtype) -> jnp.dtype:
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
-def _cpu_linear_fwd(x_BxTxD, w_DxN, out_dtype):
-  return _cpu_linear(x_BxTxD, w_DxN, out_dtype), (x_BxTxD, w_DxN)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
+  del narrow_transpose
+  acc = _accumulate_dtype(out_dtype or x_BxTxD.dtype)
+  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN,
+                    preferred_element_type=acc).astype(out_dtype or x_BxTxD.dtype)
 
 
-def _cpu_linear_bwd(out_dtype, res, d_BxTxN):
+def _cpu_linear_fwd(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
+  return _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose), (x_BxTxD, w_DxN)
+
+
+def _cpu_linear_bwd(out_dtype, narrow_transpose, res, d_BxTxN):
   x_BxTxD, w_DxN = res
   d_BxTxN = d_BxTxN.astype(x_BxTxD.dtype)
-  x_DxM = jax.lax.optimization_barrier(x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).T)
-  d_w = jnp.dot(x_DxM, d_BxTxN.reshape(-1, d_BxTxN.shape[-1]),
-                preferred_element_type=jnp.float32).astype(w_DxN.dtype)
-  d_x = jnp.einsum("btn,dn->btd", d_BxTxN, w_DxN,
-                   preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
-  return d_x, d_w
+  acc = _accumulate_dtype(x_BxTxD.dtype)
+  if narrow_transpose and x_BxTxD.dtype == jnp.float32:
+    # (Not for bfloat16: XLA:CPU ran the product of a bf16 x^T behind the barrier in f32.)
+    x_DxM = jax.lax.optimization_barrier(x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).T)
+    d_w = jnp.dot(x_DxM, d_BxTxN.reshape(-1, d_BxTxN.shape[-1]), preferred_element_type=acc)
+  else:
+    d_w = jnp.einsum("btd,btn->dn", x_BxTxD, d_BxTxN, preferred_element_type=acc)
+  d_x = jnp.einsum("btn,dn->btd", d_BxTxN, w_DxN, preferred_element_type=acc)
+  return d_x.astype(x_BxTxD.dtype), d_w.astype(w_DxN.dtype)
 
 
 _cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
@@ -299,7 +314,13 @@ class Attention(nnx.Module):
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
         implementation=None if self.cfg.attention == "xla" else self.cfg.attention)
-    return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(q_BxTxNxH.dtype))
+    return self.project_out(out_BxTxNxH)
+
+  def project_out(self, out_BxTxNxH: jax.Array) -> jax.Array:
+    """The output projection of the attended heads: [B, T, D]."""
+    B, T, N, H = out_BxTxNxH.shape
+    w_NHxD = self.o_proj[...].astype(out_BxTxNxH.dtype).reshape(N * H, -1)
+    return linear(out_BxTxNxH.reshape(B, T, N * H), w_NHxD, narrow_transpose=False)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
     """Full-sequence attention; `mask_Bx1xTxT` must be lower-triangular (`decoder_mask`)."""
@@ -310,7 +331,7 @@ class Attention(nnx.Module):
     if self.cfg.attention == "xla" and jax.default_backend() == "cpu":
       with jax.named_scope("block_attention"):
         out_BxTxNxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
-      return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(q.dtype))
+      return self.project_out(out_BxTxNxH)
     return self.attend(q, k, v, mask_Bx1xTxT)
 
 
@@ -352,4 +373,4 @@ class MLP(nnx.Module):
     (B, T, D), F = x_BxTxD.shape, self.gate_proj.shape[-1]
     w_Dx2F = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt).reshape(D, -1)
     gate_up_BxTx2xF = linear(x_BxTxD, w_Dx2F).reshape(B, T, 2, F)
-    return jnp.einsum("btf,fd->btd", swiglu(gate_up_BxTx2xF), self.down_proj[...].astype(dt))
+    return linear(swiglu(gate_up_BxTx2xF), self.down_proj[...].astype(dt), narrow_transpose=False)
