@@ -91,7 +91,9 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+    # The scale in float32, cast once (transformers scales in x's dtype: within a bf16
+    # rounding). XLA:CPU reduced a bf16 weight gradient as windowed float32 sums, slowly.
+    return (self.weight[...].astype(jnp.float32) * x32).astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
@@ -186,7 +188,8 @@ def _tile_bwd(q, k, v, mask, delta, lse, d_out, *, lo: int, hi: int, start: int)
   ds_t = p_t * (dp_t - delta.reshape(B, K, 1, t * G))
   dk = jnp.einsum("bksq,bkqh->bksh", ds_t.astype(q.dtype), q_f,
                   preferred_element_type=jnp.float32)
-  ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 2, 3)).astype(q.dtype)
+  # Cast before the transpose: a bf16 cast after the barrier became an f32 product.
+  ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t.astype(q.dtype), 2, 3))
   dq = jnp.einsum("bkqs,bksh->bkqh", ds, ks, preferred_element_type=jnp.float32)
   pad = ((0, 0), (0, 0), (start, 0), (0, 0))
   return (dq.reshape(q.shape).astype(q.dtype), jnp.pad(dk, pad).astype(k.dtype),
@@ -297,16 +300,22 @@ class Attention(nnx.Module):
 
   def project_qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                   inv_freq: jnp.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projects to rotated queries [B,T,N,H] and keys/values [B,T,K,H]."""
+    """Projects to rotated queries [B,T,N,H] and keys/values [B,T,K,H] in x's dtype.
+
+    Bias, q/k norm and rotation run on the float32 products, cast once at the end: XLA:CPU's
+    bfloat16 elementwise code ran the rotation ~8x slower than float32 (and reduced bf16
+    bias gradients as windowed float32 sums)."""
     dt, (B, T, D) = x_BxTxD.dtype, x_BxTxD.shape
-    q, k, v = (linear(x_BxTxD, w[...].astype(dt).reshape(D, -1)).reshape(B, T, -1, w.shape[-1])
+    f32 = jnp.float32
+    q, k, v = (linear(x_BxTxD, w[...].astype(dt).reshape(D, -1), f32).reshape(B, T, -1, w.shape[-1])
                for w in (self.q_proj, self.k_proj, self.v_proj))
     if self.cfg.qkv_bias:
-      q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
-                 v + self.v_bias[...].astype(dt))
+      q, k, v = (q + self.q_bias[...].astype(f32), k + self.k_bias[...].astype(f32),
+                 v + self.v_bias[...].astype(f32))
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
+    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    return q.astype(dt), k.astype(dt), v.astype(dt)
 
   def attend(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
              mask_Bx1xTxS: jax.Array) -> jax.Array:
@@ -337,8 +346,10 @@ class Attention(nnx.Module):
 
 @jax.custom_vjp
 def swiglu(gate_up_BxTx2xF: jax.Array) -> jax.Array:
-  """silu(gate) * up of a stacked [B, T, 2, F] pair."""
-  return jax.nn.silu(gate_up_BxTx2xF[:, :, 0]) * gate_up_BxTx2xF[:, :, 1]
+  """silu(gate) * up of a stacked [B, T, 2, F] pair, in float32, returned in the input's
+  dtype (XLA:CPU rounds every bf16 elementwise op; one cast is cheaper)."""
+  gate, up = (gate_up_BxTx2xF[:, :, i].astype(jnp.float32) for i in (0, 1))
+  return (jax.nn.silu(gate) * up).astype(gate_up_BxTx2xF.dtype)
 
 
 def _swiglu_fwd(gate_up_BxTx2xF):
@@ -346,12 +357,12 @@ def _swiglu_fwd(gate_up_BxTx2xF):
 
 
 def _swiglu_bwd(gate_up_BxTx2xF, d_BxTxF):
-  gate, up = gate_up_BxTx2xF[:, :, 0], gate_up_BxTx2xF[:, :, 1]
-  sig = jax.nn.sigmoid(gate)
+  gate, up = (gate_up_BxTx2xF[:, :, i].astype(jnp.float32) for i in (0, 1))
+  d_BxTxF, sig = d_BxTxF.astype(jnp.float32), jax.nn.sigmoid(gate)
   d_gate_up = jnp.stack([d_BxTxF * up * sig * (1 + gate * (1 - sig)), d_BxTxF * gate * sig], axis=2)
   # The weight gradient needs this transposed; without the barrier XLA:CPU fuses the
   # elementwise math into that transpose, which ran ~10x slower than computing then copying.
-  return (jax.lax.optimization_barrier(d_gate_up),)
+  return (jax.lax.optimization_barrier(d_gate_up.astype(gate_up_BxTx2xF.dtype)),)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

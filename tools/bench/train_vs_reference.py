@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "the longest example rounded up to 8, the setting most favourable to "
                        "the reference; the recipe itself pads to 8,192)")
   ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (a)+(c), (b)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype of both. bfloat16 is the recipe's own setting: the "
+                       "reference then holds bfloat16 weights under bf16 autocast (as its "
+                       "script does), ease-jax float32 weights with bfloat16 compute")
   ap.add_argument("--hidden", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--heads", type=int, default=4)
@@ -130,8 +134,9 @@ def model_config(args: argparse.Namespace, vocab: int):
                        max_position_embeddings=8192, tie_embeddings=True, qkv_bias=True)
 
 
-def torch_reference(mcfg, directory: str, seed: int):
-  """A random transformers Qwen2ForCausalLM in float32, saved to `directory` for ease-jax."""
+def torch_reference(mcfg, directory: str, seed: int, dtype: str):
+  """A random transformers Qwen2ForCausalLM, saved to `directory` in float32 for ease-jax,
+  then held in `dtype`."""
   import torch
   import transformers
   from ease_jax.export import hf_config
@@ -139,11 +144,12 @@ def torch_reference(mcfg, directory: str, seed: int):
   hf = transformers.Qwen2Config(**hf_config(mcfg, "float32"))
   model = transformers.Qwen2ForCausalLM(hf).float()
   model.save_pretrained(directory)
-  return model
+  return model.to(getattr(torch, dtype))
 
 
 def torch_trainer(model, train_cfg, total_steps: int):
-  """The reference step: forward with labels, backward, clip, AdamW, LR schedule."""
+  """The reference step: forward with labels, backward, clip, AdamW, LR schedule; under
+  bf16 autocast when the model is in bfloat16 (the recipe's `bf16=True`)."""
   import torch
   import transformers
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -155,8 +161,11 @@ def torch_trainer(model, train_cfg, total_steps: int):
       opt, math.ceil(train_cfg.warmup_ratio * total_steps), total_steps)
   model.train()
 
+  bf16 = next(model.parameters()).dtype == torch.bfloat16
+
   def step(batch: dict) -> float:
-    out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
     opt.step()
@@ -170,11 +179,12 @@ def torch_trainer(model, train_cfg, total_steps: int):
 class JaxTrainer:
   """The ease-jax train step compiled for [batch, max_len]; holds the donated state."""
 
-  def __init__(self, directory: str, cfg, total_steps: int, example_batch: dict):
+  def __init__(self, directory: str, cfg, total_steps: int, example_batch: dict,
+               compute_dtype: str = "float32"):
     import jax
     from ease_jax import hf, sharding
     from ease_jax.train import optim, step as step_lib
-    model, _ = hf.load_pretrained(directory)
+    model, _ = hf.load_pretrained(directory, dtype="float32", compute_dtype=compute_dtype)
     self.mesh = sharding.make_mesh(cfg.mesh)
     tx = optim.make_optimizer(cfg.train, total_steps)
     graphdef, state = step_lib.init_state(model, tx, cfg.train.seed)
@@ -247,7 +257,8 @@ def setup(args: argparse.Namespace, directory: str) -> dict:
   return {"cfg": cfg, "mcfg": mcfg, "examples": examples[:len(batches) * args.batch_size],
           "max_len": max_len, "batches": batches, "make_pipeline": make_pipeline,
           "packed_batches": packed_batches, "pipeline_s": pipeline_s,
-          "torch_model": torch_reference(mcfg, os.path.join(directory, "model"), args.seed)}
+          "torch_model": torch_reference(mcfg, os.path.join(directory, "model"), args.seed,
+                                         args.dtype)}
 
 
 def run_rounds(args: argparse.Namespace, s: dict, directory: str) -> dict:
@@ -256,9 +267,9 @@ def run_rounds(args: argparse.Namespace, s: dict, directory: str) -> dict:
   model_dir = os.path.join(directory, "model")
   padded_steps = args.rounds * len(s["batches"]) + 1  # the schedules cover the warm-up step
   torch_step = torch_trainer(s["torch_model"], s["cfg"].train, padded_steps)
-  padded = JaxTrainer(model_dir, s["cfg"], padded_steps, s["batches"][0]["ease"])
+  padded = JaxTrainer(model_dir, s["cfg"], padded_steps, s["batches"][0]["ease"], args.dtype)
   packed = JaxTrainer(model_dir, s["cfg"], args.rounds * s["packed_batches"] + 1,
-                      s["batches"][0]["ease"])
+                      s["batches"][0]["ease"], args.dtype)
   first = s["batches"][0]
   warm_torch_loss, warm_torch_s = common.timed(lambda: torch_step(first["torch"]))
   per_round = []
@@ -292,6 +303,7 @@ def summarize(args: argparse.Namespace, s: dict, r: dict) -> dict:
                 "params": mcfg.num_params()},
       "examples": len(s["examples"]), "scale": args.scale, "max_length": s["max_len"],
       "batch_size": args.batch_size, "rounds": args.rounds, "smoke": args.smoke,
+      "dtype": args.dtype,
       "mean_example_tokens": float(np.mean([len(e.ids) for e in s["examples"]])),
       "supervised_tokens_per_epoch": supervised,
       "steps_per_epoch": {"reference": len(s["batches"]), "ease_packed": s["packed_batches"]},
@@ -312,7 +324,8 @@ def report(res: dict) -> None:
   """The human table; the JSON line follows it."""
   m, sup, ep = res["model"], res["supervised_tokens_per_s"], res["epoch_s"]
   print(f"model: qwen2 shape, hidden {m['hidden']}, {m['layers']} layers, {m['heads']} heads "
-        f"({m['kv_heads']} kv), vocab {m['vocab']}, {m['params']:,} params, float32")
+        f"({m['kv_heads']} kv), vocab {m['vocab']}, {m['params']:,} params, "
+        f"{res['dtype']} compute")
   print(f"data: {res['examples']} examples (mean {res['mean_example_tokens']:.0f} tokens), "
         f"max_length {res['max_length']} (reference pads to it; ease-jax packs rows of it, "
         f"{100 * res['packing_efficiency']:.1f}% full), batch {res['batch_size']} rows, "
