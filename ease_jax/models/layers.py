@@ -172,7 +172,7 @@ def _tile_fwd(q, k, v, mask, *, lo: int, hi: int, start: int):
 
 def _tile_bwd(q, k, v, mask, delta, lse, d_out, *, lo: int, hi: int, start: int):
   """Gradients of `_tile_fwd` from the saved logsumexp (`delta` = rowsum(d_out * out));
-  dk, dv padded back to [B,K,hi,H]."""
+  dk, dv in float32 (summed over blocks), padded back to [B,K,hi,H]."""
   B, K, t, G, H = q.shape
   ks, vs = k[:, :, start:hi], v[:, :, start:hi]
   q_f, do_f = q.reshape(B, K, t * G, H), d_out.reshape(B, K, t * G, H)
@@ -192,8 +192,7 @@ def _tile_bwd(q, k, v, mask, delta, lse, d_out, *, lo: int, hi: int, start: int)
   ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t.astype(q.dtype), 2, 3))
   dq = jnp.einsum("bkqs,bksh->bkqh", ds, ks, preferred_element_type=jnp.float32)
   pad = ((0, 0), (0, 0), (start, 0), (0, 0))
-  return (dq.reshape(q.shape).astype(q.dtype), jnp.pad(dk, pad).astype(k.dtype),
-          jnp.pad(dv, pad).astype(v.dtype))
+  return dq.reshape(q.shape).astype(q.dtype), jnp.pad(dk, pad), jnp.pad(dv, pad)
 
 
 def _blocks(T: int, block: int):
@@ -231,7 +230,7 @@ def _block_attention_fwd(q, k, v, mask, block):
 
 def _block_attention_bwd(block, res, d_out):
   q, k, v, mask, out, lse = res
-  dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   # Once for all blocks, behind a barrier: XLA:CPU otherwise fused this reduction into each
   # tile's [t*G, S] elementwise math and recomputed it per score.
   delta = jax.lax.optimization_barrier(
@@ -241,7 +240,7 @@ def _block_attention_bwd(block, res, d_out):
         q[:, :, lo:hi], k, v, mask, delta[:, :, lo:hi], lse[:, :, lo:hi], d_out[:, :, lo:hi])
     dqs.append(dq)
     dk, dv = dk.at[:, :, :hi].add(dk_i), dv.at[:, :, :hi].add(dv_i)
-  return jnp.concatenate(dqs, axis=2), dk, dv, None
+  return jnp.concatenate(dqs, axis=2), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
