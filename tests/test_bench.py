@@ -82,6 +82,14 @@ def test_train_vs_reference_smoke():
   assert res["ratio_b_over_a"] > 0 and res["ratio_c_jax_over_torch"] > 0
 
 
+def test_train_vs_reference_smoke_bfloat16():
+  """The recipe's precision: bf16 torch weights under autocast, ease-jax bf16 compute."""
+  res = _run("train_vs_reference.py", "--smoke", "--dtype", "bfloat16", "--warmup-rounds", "1")
+  assert res["dtype"] == "bfloat16" and len(res["warmup_rounds"]) == 1
+  loss = res["first_step_loss"]
+  assert math.isclose(loss["reference"], loss["ease_padded"], rel_tol=2e-2), loss
+
+
 def test_accelerator_smoke():
   res = _run("accelerator.py", "--smoke", "--remat", "on")
   (r,) = res["results"]

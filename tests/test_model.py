@@ -218,7 +218,8 @@ def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu(narrow):
   rng = np.random.RandomState(0)
   x, w = (jnp.asarray(rng.randn(*shape), jnp.bfloat16) for shape in ((2, 64, 32), (32, 48)))
   c = jnp.asarray(rng.randn(2, 64, 48), jnp.float32)
-  loss = lambda x, w, c: jnp.sum(layers.linear(x, w, narrow_transpose=narrow).astype(jnp.float32) * c)
+  loss = lambda x, w, c: jnp.sum(
+      layers.linear(x, w, narrow_transpose=narrow).astype(jnp.float32) * c)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   lines = step.lower(x, w, c).compile().as_text().splitlines()
   types = dict(re.findall(r"%?([\w.\-]+)(?: =|:) (\w+)\[", "\n".join(lines)))

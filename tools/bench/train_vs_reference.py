@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "the longest example rounded up to 8, the setting most favourable to "
                        "the reference; the recipe itself pads to 8,192)")
   ap.add_argument("--rounds", type=int, default=2, help="timed interleaved rounds of (a)+(c), (b)")
-  ap.add_argument("--warmup-rounds", type=int, default=1,
-                  help="untimed rounds first (reported in the JSON, not in the medians)")
+  ap.add_argument("--warmup-rounds", type=int, default=None,
+                  help="untimed rounds first, reported in the JSON, not in the medians "
+                       "(default 1; 0 with --smoke)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                   help="compute dtype of both. bfloat16 is the recipe's own setting: the "
                        "reference then holds bfloat16 weights under bf16 autocast (as its "
@@ -88,10 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--smoke", action="store_true", help="tiny everything: checks that it runs")
   args = ap.parse_args(argv)
   if args.smoke:
-    args.examples, args.scale, args.rounds, args.warmup_rounds = 4, 0.05, 1, 0
+    args.examples, args.scale, args.rounds = 4, 0.05, 1
     args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 32, 1, 2, 1, 64
   if args.examples < args.batch_size:
     ap.error("--examples must be at least --batch-size")
+  if args.warmup_rounds is None:
+    args.warmup_rounds = 0 if args.smoke else 1
+  if args.rounds < 1 or args.warmup_rounds < 0:
+    ap.error("--rounds must be at least 1 and --warmup-rounds at least 0")
   return args
 
 
