@@ -70,6 +70,23 @@ def test_is_oom():
   assert not accelerator.is_oom(ValueError("shape mismatch"))
 
 
+def test_trace_summary_counts_gpu_streams_by_kernel_class():
+  """The --profile summary: kernels on the device's streams, classed by name; derived
+  op lines of the same plane and host events are not counted twice."""
+  meta = [("process_name", 1, None, "/device:GPU:0"), ("process_name", 2, None, "/host:CPU"),
+          ("thread_name", 1, 7, "Stream #13(Compute)"), ("thread_name", 1, 8, "XLA Ops")]
+  events = [{"ph": "M", "name": k, "pid": p, "tid": t, "args": {"name": n}} for k, p, t, n in meta]
+  events += [{"ph": "X", "name": n, "pid": p, "tid": t, "dur": d} for n, p, t, d in [
+      ("sm90_xmma_gemm_bf16bf16_bf16f32", 1, 7, 3000), ("cudnn_generated_fort_native_sdpa", 1, 7, 1000),
+      ("loop_multiply_fusion", 1, 7, 500), ("dot.1", 1, 8, 3000), ("PjitFunction", 2, 1, 9000)]]
+  out = accelerator.summarize_trace(events, steps=2)
+  assert out["counted"] == "streams" and out["device_ms_per_step"] == 2.25
+  assert out["ms_per_step_by_class"] == {"attention": 0.5, "fusion": 0.25, "matmul": 1.5}
+  assert out["top_ms_per_step"][0] == ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5]
+  assert accelerator.kernel_class("triton_gemm_dot_12") == "matmul"
+  assert accelerator.kernel_class("memcpy") == "other"
+
+
 def test_train_vs_reference_smoke():
   res = _run("train_vs_reference.py", "--smoke")
   assert res["bench"] == "train_vs_reference" and res["smoke"]

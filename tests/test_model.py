@@ -179,6 +179,24 @@ def test_long_packed_documents_equal_separate_runs():
   assert np.all(np.isfinite(np.asarray(out)))
 
 
+def test_library_attention_path_equals_cpu_path(monkeypatch):
+  """The GPU/TPU path (one dense-masked `dot_product_attention` told the mask is causal, so
+  cudnn can skip the upper triangle) gives the CPU blockwise path's logits and gradients."""
+  model = Decoder(CFG, rngs=nnx.Rngs(3))
+  tokens = _tokens((2, 300), seed=6)
+  segments, positions = _aligned_rows()
+
+  def loss(m):
+    return jnp.mean(m(tokens, positions=positions, segment_ids=segments) ** 2)
+
+  want, want_g = nnx.value_and_grad(loss)(model)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got, got_g = nnx.value_and_grad(loss)(model)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(nnx.state(got_g)), jax.tree.leaves(nnx.state(want_g))):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
 @pytest.mark.parametrize("narrow", [True, False])
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5),
                                                  (jnp.bfloat16, jnp.float32, 2e-2),

@@ -317,10 +317,13 @@ class Attention(nnx.Module):
     return q.astype(dt), k.astype(dt), v.astype(dt)
 
   def attend(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-             mask_Bx1xTxS: jax.Array) -> jax.Array:
-    """Masked softmax attention and the output projection, back to [B, T, D]."""
+             mask_Bx1xTxS: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Masked softmax attention and the output projection, back to [B, T, D].
+
+    `causal` says the mask is already lower-triangular (T == S): kernels that know it
+    (cudnn) then skip the upper triangle instead of computing it and masking it away."""
     out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=causal,
         implementation=None if self.cfg.attention == "xla" else self.cfg.attention)
     return self.project_out(out_BxTxNxH)
 
@@ -340,7 +343,7 @@ class Attention(nnx.Module):
       with jax.named_scope("block_attention"):
         out_BxTxNxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
       return self.project_out(out_BxTxNxH)
-    return self.attend(q, k, v, mask_Bx1xTxT)
+    return self.attend(q, k, v, mask_Bx1xTxT, causal=True)
 
 
 @jax.custom_vjp

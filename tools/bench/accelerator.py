@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   ap.add_argument("--budget-s", type=float, default=450.0,
                   help="start no configuration after this many seconds")
+  ap.add_argument("--profile", action="store_true",
+                  help="also trace 2 steps per configuration and report the device time by "
+                       "kernel class (matmul, attention, fusion, other) and the top kernels")
   ap.add_argument("--smoke", action="store_true", help="CPU: tiny shape, short rows, 1 step")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -89,7 +92,7 @@ def peak_memory_bytes() -> int | None:
 
 
 def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_len: int,
-            steps: int, warmup: int) -> dict:
+            steps: int, warmup: int, profile: bool = False) -> dict:
   """One configuration, in this process: compile, warm up, time `steps` steps."""
   import jax
   from flax import nnx
@@ -122,6 +125,9 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
       state, m = compiled(state, batch)
     loss = float(m["loss/total"])  # waits for the last step
     step_s = (time.perf_counter() - start) / steps
+    kernels = None
+    if profile:
+      kernels = profile_steps(lambda s: compiled(s, batch), state, 2)
   tokens_per_s = cfg.train.batch_size * seq_len / step_s
   flops = cfg_m.flops_per_token(seq_len)
   peak = metrics.peak_flops_per_device()
@@ -131,7 +137,75 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
           "peak_memory_bytes": peak_memory_bytes(), "compile_s": compile_s,
           "temp_bytes_compiled": getattr(mem, "temp_size_in_bytes", None) if mem else None,
           "batch_per_device": batch_per_device, "devices": ndev, "flops_per_token": flops,
-          "params": cfg_m.num_params(), "device_kind": jax.devices()[0].device_kind}
+          "params": cfg_m.num_params(), "device_kind": jax.devices()[0].device_kind,
+          "kernels": kernels}
+
+
+_KERNEL_CLASSES = (("attention", ("fmha", "flash", "cudnn", "attention", "sdpa")),
+                   ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "matmul")),
+                   ("fusion", ("fusion", "reduce", "convert", "transpose", "copy", "scatter",
+                               "gather", "select", "broadcast", "concatenate", "slice")))
+
+
+def kernel_class(name: str) -> str:
+  """A device kernel's class by its name: attention, matmul, fusion (XLA's own) or other."""
+  low = name.lower()
+  return next((c for c, keys in _KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def summarize_trace(events: list[dict], steps: int, top: int = 12) -> dict:
+  """Device time per step by kernel class and the `top` kernels, from Chrome-trace events.
+
+  Counts the events on the GPU streams of the device planes (processes named /device:...,
+  threads named Stream...), or every device thread where no thread is named so. Also lists
+  the process and thread names seen, so an unexpected trace layout shows in the output."""
+  procs = {e["pid"]: str(e["args"]["name"]) for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name" and "args" in e}
+  threads = {(e["pid"], e["tid"]): str(e["args"]["name"]) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and "args" in e}
+  device = {p for p, n in procs.items() if n.startswith("/device:")}
+  on_device = [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e]
+  streams = [e for e in on_device if threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+  kernels = streams or on_device
+  per_thread: dict[str, float] = {}
+  for e in on_device:
+    name = f"{procs[e['pid']]} | {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
+    per_thread[name] = per_thread.get(name, 0.0) + e["dur"] / 1e3 / steps
+  by_class: dict[str, float] = {}
+  by_name: dict[str, float] = {}
+  for e in kernels:
+    c = kernel_class(e["name"])
+    by_class[c] = by_class.get(c, 0.0) + e["dur"] / 1e3 / steps
+    by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+  top_names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  return {"device_ms_per_step": round(sum(by_class.values()), 3),
+          "ms_per_step_by_class": {c: round(v, 3) for c, v in sorted(by_class.items())},
+          "top_ms_per_step": [[n[:120], round(v, 3)] for n, v in top_names],
+          "counted": "streams" if streams else "all device threads",
+          "threads_ms_per_step": {k[:80]: round(v, 3) for k, v in
+                                  sorted(per_thread.items(), key=lambda kv: -kv[1])[:8]},
+          "processes": sorted(set(procs.values()))[:8]}
+
+
+def profile_steps(step, state, steps: int) -> dict | None:
+  """Traces `steps` calls of `step` (state -> (state, metrics)) with jax.profiler and
+  summarizes the device planes; a failure becomes {'error': ...}, never the run's."""
+  import glob
+  import gzip
+  import tempfile
+
+  import jax
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        for _ in range(steps):
+          state, m = step(state)
+        float(m["loss/total"])
+      (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)[-1:]
+      with gzip.open(path, "rt") as f:
+        return summarize_trace(json.load(f)["traceEvents"], steps)
+  except Exception as e:  # noqa: BLE001 - the profile is extra; the timing stands without it
+    return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
 def is_oom(error: BaseException | str) -> bool:
@@ -145,7 +219,7 @@ def child(spec: dict) -> None:
   while True:
     try:
       out = measure(spec["model"], spec["remat"], spec["attention"], batch, spec["seq_len"],
-                    spec["steps"], spec["warmup"])
+                    spec["steps"], spec["warmup"], spec.get("profile", False))
       break
     except Exception as e:  # noqa: BLE001 - any failure is reported, the parent continues
       if not is_oom(e) or batch == 1 or batch < spec["batch_per_device"]:
@@ -168,7 +242,8 @@ def probe() -> dict:
 
 
 def configs(args: argparse.Namespace, device: dict) -> list[dict]:
-  """Every (model, attention, remat) to run, most important first (1.5B before 0.5B)."""
+  """Every (attention, model, remat) to run, most important first: the first attention
+  choice (cudnn where it applies), 1.5B before 0.5B, remat in the order given."""
   # ROCm GPUs are platform "gpu" too; the CUDA runtime shows in the platform version.
   kind = device["device_kind"].lower()
   nvidia = device["platform"] == "gpu" and (
@@ -178,8 +253,8 @@ def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
            "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),
-           "steps": args.steps, "warmup": args.warmup}
-          for m in order for a in attention for r in args.remat]
+           "steps": args.steps, "warmup": args.warmup, "profile": args.profile}
+          for a in attention for m in order for r in args.remat]
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -226,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
           "the script works)", file=sys.stderr)
     sys.exit(2)
   results, skipped = [], []
-  for spec in configs(args, device):
+  specs = configs(args, device)
+  for i, spec in enumerate(specs):
     left = args.budget_s - (time.perf_counter() - start)
     if left <= 0:
       skipped.append(spec)
@@ -237,7 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
     status = res.get("error") or f"{res['step_s']:.3f} s/step"
     print(f"{spec['model']} remat={spec['remat']} attention={spec['attention']}: {status}",
           flush=True)
+    if res.get("kernels"):
+      print(f"  device time by kernel class: {json.dumps(res['kernels'])}", flush=True)
     results.append(res)
+    failed = [r for r in results[-2:] if r.get("error") and not r.get("oom")]
+    if len(failed) == 2:  # the same breakage would repeat for every configuration left
+      print("stopping: two configurations in a row failed (not out of memory)", flush=True)
+      skipped.extend(specs[i + 1:])
+      break
   out = {"bench": "accelerator", "device": device, "cpu": common.cpu_model(),
          "date": time.strftime("%Y-%m-%d %H:%M %Z"), "seq_len": args.seq_len,
          "smoke": args.smoke, "results": results, "skipped": skipped,
