@@ -33,38 +33,51 @@ def linear(x_BxTxD: jax.Array, w_DxN: jax.Array, out_dtype=None, *,
            narrow_transpose: bool = True) -> jax.Array:
   """x @ w over the last axis of x, returned in `out_dtype` (default x's dtype): [B, T, N].
 
-  On XLA:CPU two things differ from a plain einsum:
-  - Low-precision (bfloat16) products accumulate in float32 and are cast after. XLA:CPU
-    runs bf16 x bf16 -> f32 natively (AMX where present) but turns bf16 x bf16 -> bf16 into
+  Differs from a plain einsum in its gradient, through a custom_vjp:
+  - A low-precision (bf16) product returned wider (f32 logits, q/k/v) takes its output
+    gradient back to x's dtype before the two backward products. Autodiff of the einsum
+    multiplied the f32 gradient by the upcast bf16 operand: f32 (tf32) GEMMs, 63 of the
+    423 ms of the Qwen2.5-1.5B H200 step (tools/bench/accelerator.py --profile).
+  On XLA:CPU also:
+  - Low-precision products accumulate in float32 and are cast after. XLA:CPU runs
+    bf16 x bf16 -> f32 natively (AMX where present) but turns bf16 x bf16 -> bf16 into
     converts and a float32 product.
-  - With `narrow_transpose`, the weight gradient multiplies an explicitly transposed x.
-    Left to itself XLA:CPU transposed the (wider) output gradient instead: 12% slower on the
-    MLP's gate/up, 15% on the q/k/v projections and 2x slower on the tied LM head with its
-    cross-entropy (fwd+bwd microbenchmarks of the benchmark's shapes); slower on the down
-    projection, whose float32 products therefore stay plain einsums.
+  - With `narrow_transpose`, the float32 weight gradient multiplies an explicitly
+    transposed x. Left to itself XLA:CPU transposed the (wider) output gradient instead:
+    12% slower on the MLP's gate/up, 15% on the q/k/v projections and 2x slower on the
+    tied LM head with its cross-entropy (fwd+bwd microbenchmarks of the benchmark's
+    shapes); slower on the down projection, whose float32 products therefore stay plain.
   """
-  if jax.default_backend() == "cpu" and (narrow_transpose or x_BxTxD.dtype != jnp.float32):
-    return _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose)
+  out = jnp.dtype(out_dtype or x_BxTxD.dtype)
+  low = jnp.dtype(x_BxTxD.dtype).itemsize < 4
+  if jax.default_backend() == "cpu":
+    custom = narrow_transpose or low
+  else:
+    custom, narrow_transpose = low and out.itemsize > jnp.dtype(x_BxTxD.dtype).itemsize, False
+  if custom:
+    return _linear(x_BxTxD, w_DxN, out, narrow_transpose)
   return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=out_dtype)
 
 
-def _accumulate_dtype(dtype) -> jnp.dtype:
+def _accumulate_dtype(dtype) -> jnp.dtype | None:
+  """The product dtype asked of XLA: f32 for low precision on CPU (then cast), else none."""
+  if jax.default_backend() != "cpu":
+    return None
   return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
+def _linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
   del narrow_transpose
-  acc = _accumulate_dtype(out_dtype or x_BxTxD.dtype)
-  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN,
-                    preferred_element_type=acc).astype(out_dtype or x_BxTxD.dtype)
+  acc = _accumulate_dtype(out_dtype) or out_dtype
+  return jnp.einsum("btd,dn->btn", x_BxTxD, w_DxN, preferred_element_type=acc).astype(out_dtype)
 
 
-def _cpu_linear_fwd(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
-  return _cpu_linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose), (x_BxTxD, w_DxN)
+def _linear_fwd(x_BxTxD, w_DxN, out_dtype, narrow_transpose):
+  return _linear(x_BxTxD, w_DxN, out_dtype, narrow_transpose), (x_BxTxD, w_DxN)
 
 
-def _cpu_linear_bwd(out_dtype, narrow_transpose, res, d_BxTxN):
+def _linear_bwd(out_dtype, narrow_transpose, res, d_BxTxN):
   x_BxTxD, w_DxN = res
   d_BxTxN = d_BxTxN.astype(x_BxTxD.dtype)
   acc = _accumulate_dtype(x_BxTxD.dtype)
@@ -78,7 +91,7 @@ def _cpu_linear_bwd(out_dtype, narrow_transpose, res, d_BxTxN):
   return d_x.astype(x_BxTxD.dtype), d_w.astype(w_DxN.dtype)
 
 
-_cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class RMSNorm(nnx.Module):
