@@ -34,10 +34,9 @@ def linear(x_BxTxD: jax.Array, w_DxN: jax.Array, out_dtype=None, *,
   """x @ w over the last axis of x, returned in `out_dtype` (default x's dtype): [B, T, N].
 
   Differs from a plain einsum in its gradient, through a custom_vjp:
-  - A low-precision (bf16) product returned wider (f32 logits, q/k/v) takes its output
-    gradient back to x's dtype before the two backward products. Autodiff of the einsum
-    multiplied the f32 gradient by the upcast bf16 operand: f32 (tf32) GEMMs, 63 of the
-    423 ms of the Qwen2.5-1.5B H200 step (tools/bench/accelerator.py --profile).
+  - A bf16 product returned in f32 (logits, q/k/v) casts its output gradient to bf16 before
+    the backward products; autodiff multiplied it by the upcast operand in f32 (tf32 GEMMs:
+    63 of 423 ms of the 1.5B H200 step, tools/bench/accelerator.py --profile).
   On XLA:CPU also:
   - Low-precision products accumulate in float32 and are cast after. XLA:CPU runs
     bf16 x bf16 -> f32 natively (AMX where present) but turns bf16 x bf16 -> bf16 into

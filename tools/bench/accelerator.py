@@ -2,6 +2,7 @@
 
   python tools/bench/accelerator.py                       # GPU/TPU: both shapes, all choices
   python tools/bench/accelerator.py --models qwen2.5-1.5b --attention cudnn --remat off
+  python tools/bench/accelerator.py --profile ...         # + device time by kernel class
   python tools/bench/accelerator.py --smoke               # CPU: a tiny shape, checks it works
 
 Random weights (float32 master copy, bfloat16 compute), the real loss and the real jitted
@@ -10,8 +11,9 @@ tokens (documents of EASE-like lengths, positions restarting per document). Ever
 configuration (model x remat x attention; cudnn only on NVIDIA GPUs) runs in its own
 subprocess, so its peak device memory (`device.memory_stats()`) is its own and an
 out-of-memory error or a crash fails that configuration only (it is retried once at half the
-batch, then reported). Configurations that would start after `--budget-s` are skipped, so the
-whole run ends in under 8 minutes. MFU uses the training metric's formula:
+batch, then reported). They run cudnn first, 1.5B before 0.5B; two failures in a row (not
+out of memory) stop the run, since the rest would fail alike. Configurations that would start
+after `--budget-s` are skipped, so the whole run ends in under 8 minutes. MFU uses the training metric's formula:
 `DecoderConfig.flops_per_token(seq_len) * tokens/s / (peak bf16 FLOP/s * devices)`, with the
 peaks of `ease_jax.metrics`. Prints a table, then one JSON line.
 """
