@@ -115,6 +115,32 @@ def test_accelerator_smoke():
   assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
 
 
+def _fake_gpu(monkeypatch, outcomes):
+  """accelerator.main against a fake NVIDIA GPU whose configurations end as `outcomes`."""
+  device = {"platform": "gpu", "device_kind": "NVIDIA H200", "devices": 1, "jax": "x",
+            "platform_version": "cuda 13000"}
+  monkeypatch.setattr(accelerator, "probe", lambda: device)
+  runs = iter(outcomes)
+  monkeypatch.setattr(accelerator, "run_child", lambda spec, timeout: next(runs))
+
+
+def test_accelerator_stops_after_two_failures_in_a_row(monkeypatch):
+  """A breakage that is not out-of-memory would repeat: the run stops, the rest is skipped."""
+  ok = {"step_s": 1.0, "tokens_per_s_per_device": 1.0, "mfu": 0.4, "batch_per_device": 4}
+  _fake_gpu(monkeypatch, [ok, {"error": "out of memory", "oom": True}, {"error": "boom"},
+                          {"error": "boom"}])
+  out = accelerator.main([])
+  assert len(out["results"]) == 4 and len(out["skipped"]) == 4  # 2 x 2 x 2 configurations
+  assert [(r["attention"], r["model"]) for r in out["results"]][:2] == [
+      ("cudnn", "qwen2.5-1.5b"), ("cudnn", "qwen2.5-1.5b")]
+
+
+def test_accelerator_starts_nothing_without_min_config_time(monkeypatch):
+  _fake_gpu(monkeypatch, [])
+  out = accelerator.main(["--budget-s", "10", "--min-config-s", "60"])
+  assert out["results"] == [] and len(out["skipped"]) == 8
+
+
 def test_accelerator_refuses_cpu_without_smoke():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(BENCH / "accelerator.py")], capture_output=True,
