@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
@@ -61,8 +62,19 @@ def load_run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 def _numerics(cfg: Config) -> dict:
   m = cfg.model
+  if m.attention == "cudnn" and not _nvidia_gpu():
+    device = jax.devices()[0]
+    raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs, and this run has "
+                      f"{device.platform} devices ({device.device_kind}); use "
+                      "model.attention=xla")
   return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
               remat=m.remat)
+
+
+def _nvidia_gpu() -> bool:
+  """Whether this run's devices are CUDA GPUs (cuDNN's attention needs them)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
 
 
 def _from_ckpt(cfg: Config, spec: str, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:

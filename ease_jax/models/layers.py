@@ -350,7 +350,7 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, inv_freq)
     # XLA:CPU: blockwise, skipping fully masked key tiles (causal, other documents,
     # padding), ~2x less than torch's SDPA per layer on packed rows; elsewhere the library
-    # kernel (cudnn, or XLA's attention on GPU/TPU, where this path is unmeasured).
+    # kernel: cudnn, or XLA's attention (0.60x cudnn's step rate on an H200; TPU unmeasured).
     if self.cfg.attention == "xla" and jax.default_backend() == "cpu":
       with jax.named_scope("block_attention"):
         out_BxTxNxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
