@@ -56,7 +56,7 @@ class ModelConfig:
   init_from: str = "scratch:tiny"  # hf:PATH | ckpt:RUN_DIR[@STEP] | scratch:PRESET
   param_dtype: DType = "float32"
   compute_dtype: DType = "float32"
-  # cudnn: NVIDIA GPUs (cuDNN flash attention; 2x the step rate of xla on an H200,
+  # cudnn: NVIDIA GPUs (cuDNN flash attention; 1.7x the step rate of xla on an H200,
   # BENCHMARKS.md); xla: TPUs and CPUs (blockwise on CPU).
   attention: Literal["xla", "cudnn"] = "xla"
   remat: bool = False
