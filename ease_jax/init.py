@@ -62,19 +62,14 @@ def load_run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 def _numerics(cfg: Config) -> dict:
   m = cfg.model
-  if m.attention == "cudnn" and not _nvidia_gpu():
-    device = jax.devices()[0]
+  device = jax.devices()[0]
+  if m.attention == "cudnn" and not sharding.is_cuda(device.platform,
+                                                     device.client.platform_version):
     raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs, and this run has "
                       f"{device.platform} devices ({device.device_kind}); use "
                       "model.attention=xla")
   return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
               remat=m.remat)
-
-
-def _nvidia_gpu() -> bool:
-  """Whether this run's devices are CUDA GPUs (cuDNN's attention needs them)."""
-  device = jax.devices()[0]
-  return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
 
 
 def _from_ckpt(cfg: Config, spec: str, mesh: Mesh) -> tuple[Decoder, DecoderConfig]:

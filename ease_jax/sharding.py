@@ -35,6 +35,12 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def is_cuda(platform: str, platform_version: str) -> bool:
+  """Whether devices of this platform and runtime are NVIDIA (CUDA) GPUs; ROCm GPUs are
+  platform "gpu" too, told apart by the runtime version ("cuda 13000")."""
+  return platform == "gpu" and "cuda" in platform_version.lower()
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 and checks that the mesh covers the devices exactly."""
   sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}

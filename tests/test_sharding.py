@@ -34,3 +34,10 @@ def test_rules_replicate_what_does_not_divide(fake_devices):
   assert out.split("\n")[:3] == ["P('fsdp', None, None)",
                                   "P('fsdp', 'tensor', None)",
                                   "P('fsdp', None)"]
+
+
+def test_is_cuda_tells_nvidia_from_rocm_and_tpu():
+  from ease_jax.sharding import is_cuda
+  assert is_cuda("gpu", "cuda 13000")  # what jax 0.11 reported on an H200
+  assert not is_cuda("gpu", "rocm 60300") and not is_cuda("tpu", "PJRT C API")
+  assert not is_cuda("cpu", "cpu")

@@ -249,11 +249,8 @@ def probe() -> dict:
 def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   """Every (attention, model, remat) to run, most important first: the first attention
   choice (cudnn where it applies), 1.5B before 0.5B, remat in the order given."""
-  # ROCm GPUs are platform "gpu" too; the CUDA runtime shows in the platform version.
-  kind = device["device_kind"].lower()
-  nvidia = device["platform"] == "gpu" and (
-      "cuda" in device["platform_version"].lower()
-      or any(n in kind for n in ("nvidia", "h100", "h200", "a100", "b200", "l40", "l4", "rtx")))
+  from ease_jax.sharding import is_cuda
+  nvidia = is_cuda(device["platform"], device["platform_version"])
   attention = [a for a in args.attention if a != "cudnn" or nvidia]
   order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
