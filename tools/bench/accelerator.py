@@ -22,6 +22,7 @@ peaks of `ease_jax.metrics`. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -172,16 +173,13 @@ def summarize_trace(events: list[dict], steps: int, top: int = 12) -> dict:
   on_device = [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e]
   streams = [e for e in on_device if threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
   kernels = streams or on_device
-  per_thread: dict[str, float] = {}
+  per_thread, by_class, by_name = (collections.defaultdict(float) for _ in range(3))
   for e in on_device:
-    name = f"{procs[e['pid']]} | {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
-    per_thread[name] = per_thread.get(name, 0.0) + e["dur"] / 1e3 / steps
-  by_class: dict[str, float] = {}
-  by_name: dict[str, float] = {}
+    thread = threads.get((e["pid"], e.get("tid")), e.get("tid"))
+    per_thread[f"{procs[e['pid']]} | {thread}"] += e["dur"] / 1e3 / steps
   for e in kernels:
-    c = kernel_class(e["name"])
-    by_class[c] = by_class.get(c, 0.0) + e["dur"] / 1e3 / steps
-    by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+    by_class[kernel_class(e["name"])] += e["dur"] / 1e3 / steps
+    by_name[e["name"]] += e["dur"] / 1e3 / steps
   top_names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
   return {"device_ms_per_step": round(sum(by_class.values()), 3),
           "ms_per_step_by_class": {c: round(v, 3) for c, v in sorted(by_class.items())},
@@ -192,7 +190,7 @@ def summarize_trace(events: list[dict], steps: int, top: int = 12) -> dict:
           "processes": sorted(set(procs.values()))[:8]}
 
 
-def profile_steps(step, state, steps: int) -> dict | None:
+def profile_steps(step, state, steps: int) -> dict:
   """Traces `steps` calls of `step` (state -> (state, metrics)) with jax.profiler and
   summarizes the device planes; a failure becomes {'error': ...}, never the run's."""
   import glob
