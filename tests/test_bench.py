@@ -65,6 +65,60 @@ def test_packed_batch_layout():
   assert 0 < b["loss_weight"].mean() < 1
 
 
+class _FakeStep:
+  """Records the order of calls into one shared log; `step` waits, `dispatch` does not."""
+
+  def __init__(self, name: str, log: list):
+    self.name, self.log = name, log
+
+  def __call__(self, batch):  # the torch step
+    self.log.append((self.name, batch))
+
+  def step(self, batch):
+    self.log.append((self.name, batch))
+
+  def dispatch(self, batch):
+    self.log.append((self.name + " dispatch", batch))
+    log = self.log
+
+    class _Loss:
+      def __float__(self):
+        log.append(("wait", batch))
+        return 0.0
+    return {"loss/total": _Loss()}
+
+
+class _Pipeline:
+  def __init__(self, items: list, log: list):
+    self.items, self.log = items, log
+
+  def __iter__(self):
+    for x in self.items:
+      self.log.append(("fetch", x))
+      yield x
+
+
+def test_packed_run_fetches_the_next_batch_while_its_step_runs():
+  """(b) as the training loop runs: dispatch step k, fetch batch k+1, then wait for step k;
+  no step of (b) is still running when (a) or (c) starts, and every batch is used once."""
+  log: list = []
+  padded = [{"torch": f"t{i}", "ease": f"e{i}"} for i in range(4)]
+  packed = _FakeStep("b", log)
+  tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log), packed,
+                        _Pipeline(["p0", "p1"], log), n_packed=2)
+  assert log == [("fetch", "p0"),
+                 ("a", "t0"), ("c", "e0"), ("b dispatch", "p0"), ("fetch", "p1"), ("wait", "p0"),
+                 ("a", "t1"), ("c", "e1"), ("a", "t2"), ("c", "e2"),
+                 ("b dispatch", "p1"), ("wait", "p1"),
+                 ("a", "t3"), ("c", "e3")]
+  with pytest.raises(RuntimeError, match="fewer batches"):
+    tvr.interleaved_epoch(padded, _FakeStep("a", []), _FakeStep("c", []), _FakeStep("b", []),
+                          _Pipeline(["p0"], []), n_packed=2)
+  with pytest.raises(RuntimeError, match="more batches"):
+    tvr.interleaved_epoch(padded, _FakeStep("a", []), _FakeStep("c", []), _FakeStep("b", []),
+                          _Pipeline(["p0", "p1", "p2"], []), n_packed=2)
+
+
 def test_is_oom():
   assert accelerator.is_oom("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
   assert not accelerator.is_oom(ValueError("shape mismatch"))
