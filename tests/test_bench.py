@@ -107,7 +107,8 @@ def test_packed_run_fetches_the_next_batch_while_its_step_runs():
   tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log), packed,
                         _Pipeline(["p0", "p1"], log), n_packed=2)
   assert log == [("fetch", "p0"),
-                 ("a", "t0"), ("c", "e0"), ("b dispatch", "p0"), ("fetch", "p1"), ("wait", "p0"),
+                 ("a", "t0"), ("c", "e0"),
+                 ("b dispatch", "p0"), ("fetch", "p1"), ("wait", "p0"),
                  ("a", "t1"), ("c", "e1"), ("a", "t2"), ("c", "e2"),
                  ("b dispatch", "p1"), ("wait", "p1"),
                  ("a", "t3"), ("c", "e3")]

@@ -371,7 +371,8 @@ def report(res: dict) -> None:
   c, w, lo = res["compile_s"], res["warmup_step_s"], res["first_step_loss"]
   print(f"not in the epochs: compile + first step {c['ease_padded']:.1f} s (padded) / "
         f"{c['ease_packed']:.1f} s (packed); warm-up step torch {w['reference']:.2f} s; "
-        f"pipeline alone {res['pipeline_only_s']:.2f} s per epoch (in (b), overlapped with its steps)")
+        f"pipeline alone {res['pipeline_only_s']:.2f} s per epoch (in (b), overlapped with "
+        f"its steps)")
   print(f"first-step loss on the same batch: torch {lo['reference']:.5f}, "
         f"jax {lo['ease_padded']:.5f}")
 
