@@ -115,13 +115,13 @@ def _forward(model, tokens_BxT, positions_BxT, slot, valid_BxS, k_caches, v_cach
   # Causal by slot over real keys; a pad query also sees itself so its softmax is defined.
   mask_BxTxS = (valid_BxS[:, None, :] & (kv_slot_S[None, None, :] <= q_slot_T[None, :, None])) | (
       kv_slot_S[None, None, :] == q_slot_T[None, :, None])
-  inv_freq = model.inv_freq()
+  rope = model.rope(positions_BxT)
   cache_axes = ("batch", "kv_heads", None, None)
   x_BxTxD = model.embed_tokens(tokens_BxT)
   new_k, new_v = [], []
   for block, k_BxKxHxS, v_BxKxSxH in zip(model.layers, k_caches, v_caches):
     x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, "embed_act"))
-    q, k, v = block.attn.project_qkv(block.input_layernorm(x_BxTxD), positions_BxT, inv_freq)
+    q, k, v = block.attn.project_qkv(block.input_layernorm(x_BxTxD), rope)
     k_BxKxHxS = jax.lax.dynamic_update_slice(
         k_BxKxHxS, k.transpose(0, 2, 3, 1).astype(k_BxKxHxS.dtype), (0, 0, 0, slot))
     v_BxKxSxH = jax.lax.dynamic_update_slice(

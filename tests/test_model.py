@@ -268,3 +268,37 @@ def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu(narrow):
   for line in dots:
     operands = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line).groups()
     assert [types[name] for name in operands] == ["bf16", "bf16"], line
+
+
+@pytest.mark.parametrize("offset", [0, 40])
+def test_rope_lookup_equals_computed_rope(offset):
+  """The table lookup (XLA:CPU) = the computed cos/sin for packed positions inside the tables
+  and, through its fallback, for positions past them (an offset continuation)."""
+  from ease_jax.models.rope import rope_cos_sin, rope_inv_freq, rope_lookup
+  inv_freq = rope_inv_freq(16, 10000.0, None)
+  _, positions = _packed_rows(2, 33, seed=1)
+  positions = positions + offset
+  got, want = (jax.jit(f)(positions) for f in (
+      lambda p: rope_lookup(p, inv_freq), lambda p: rope_cos_sin(p, inv_freq)))
+  for g, w in zip(got, want):
+    assert g.shape == (2, 33, 16) and g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, atol=2e-6)
+
+
+def test_rope_is_computed_once_not_inside_every_consumer():
+  """No layer's fused code evaluates cos/sin: XLA:CPU fused the rotary angles' cos and sin
+  into every consumer (per head, per layer, forward and backward). Only the lookup's
+  fallback branch computes them."""
+  import re
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks XLA:CPU's lowering")
+  model = Decoder(CFG, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  def loss(state, tokens):
+    return jnp.mean(nnx.merge(graphdef, state)(tokens) ** 2)
+
+  text = jax.jit(jax.grad(loss)).lower(state, _tokens((2, 40))).compile().as_text()
+  computations = re.split(r"\n(?=\S)", text)
+  with_cos = [c for c in computations if "cosine(" in c and "ENTRY" not in c.split("\n")[0]]
+  assert len(with_cos) <= 1, [c.split("\n")[0] for c in with_cos]

@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings, attention, gated MLP.
+"""Decoder building blocks: RMSNorm, attention (rotary embeddings: `rope`), gated MLP.
 
 Shapes use the letters defined in `DecoderConfig`'s docstring (B, T, S, D, N, K,
 H, F, V). Every parameter is an `nnx.Param` whose `logical_axes` metadata names
@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ease_jax.models.rope import apply_rope
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -106,39 +108,6 @@ class RMSNorm(nnx.Module):
     # The scale in float32, cast once (transformers scales in x's dtype: within a bf16
     # rounding). XLA:CPU reduced a bf16 weight gradient as windowed float32 sums, slowly.
     return (self.weight[...].astype(jnp.float32) * x32).astype(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
-  """Inverse frequencies as transformers computes them, with optional scaling."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  kind = (scaling or {}).get("rope_type", "default")
-  if kind == "default":
-    return inv_freq
-  if kind == "linear":
-    return inv_freq / scaling["factor"]
-  if kind == "llama3":
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
-  raise ValueError(f"unsupported rope scaling type {kind!r}")
-
-
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array,
-               inv_freq: jnp.ndarray) -> jax.Array:
-  """Rotates q or k in the rotate-half layout transformers uses (no weight permutation)."""
-  freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-  cos = jnp.cos(emb_BxTxH)[:, :, None, :].astype(x_BxTxNxH.dtype)
-  sin = jnp.sin(emb_BxTxH)[:, :, None, :].astype(x_BxTxNxH.dtype)
-  half = x_BxTxNxH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-  return x_BxTxNxH * cos + rotated * sin
 
 
 def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array,
@@ -309,9 +278,10 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pdt, rngs=rngs)
       self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pdt, rngs=rngs)
 
-  def project_qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                  inv_freq: jnp.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projects to rotated queries [B,T,N,H] and keys/values [B,T,K,H] in x's dtype.
+  def project_qkv(self, x_BxTxD: jax.Array,
+                  rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projects to rotated queries [B,T,N,H] and keys/values [B,T,K,H] in x's dtype; `rope`
+    is the (cos, sin) pair of `rope_cos_sin`.
 
     Bias, q/k norm and rotation run on the float32 products, cast once at the end: XLA:CPU's
     bfloat16 elementwise code was slow here (and reduced bf16 bias gradients as windowed
@@ -325,7 +295,7 @@ class Attention(nnx.Module):
                  v + self.v_bias[...].astype(f32))
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q.astype(dt), k.astype(dt), v.astype(dt)
 
   def attend(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -345,9 +315,9 @@ class Attention(nnx.Module):
     w_NHxD = self.o_proj[...].astype(out_BxTxNxH.dtype).reshape(N * H, -1)
     return linear(out_BxTxNxH.reshape(B, T, N * H), w_NHxD, narrow_transpose=False)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
     """Full-sequence attention; `mask_Bx1xTxT` must be lower-triangular (`decoder_mask`)."""
-    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, inv_freq)
+    q, k, v = self.project_qkv(x_BxTxD, rope)
     # XLA:CPU: blockwise, skipping fully masked key tiles (causal, other documents,
     # padding), ~2x less than torch's SDPA per layer on packed rows; elsewhere the library
     # kernel: cudnn, or XLA's attention (0.60x cudnn's step rate on an H200; TPU unmeasured).

@@ -8,10 +8,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ease_jax.models.layers import (MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear,
-                                   param, rope_inv_freq)
+                                   param)
+from ease_jax.models.rope import rope_cos_sin, rope_inv_freq, rope_lookup
 from ease_jax.sharding import constrain
 
 
@@ -86,16 +88,15 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
     with jax.named_scope("attn"):  # names in profiles and HLO dumps
-      x_BxTxD = x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), positions_BxT,
-                                    mask_Bx1xTxT, inv_freq)
+      x_BxTxD = x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), rope, mask_Bx1xTxT)
     with jax.named_scope("mlp"):
       return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 
-def _run_block(block: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq):
-  return block(x_BxTxD, positions_BxT, mask_Bx1xTxT, inv_freq)
+def _run_block(block: Block, x_BxTxD, rope, mask_Bx1xTxT):
+  return block(x_BxTxD, rope, mask_Bx1xTxT)
 
 
 _run_block_remat = nnx.remat(_run_block)
@@ -115,10 +116,17 @@ class Decoder(nnx.Module):
       self.lm_head = param(rngs, nnx.initializers.normal(0.02),
                            (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
 
-  def inv_freq(self) -> jnp.ndarray:
-    """RoPE inverse frequencies (a compile-time constant under jit)."""
+  def inv_freq(self) -> np.ndarray:
+    """RoPE inverse frequencies (NumPy: a compile-time constant under jit)."""
     scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
     return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, scaling)
+
+  def rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rotary (cos, sin) [B,T,H] of these positions, computed once for all layers (looked
+    up in tables on XLA:CPU: `rope_lookup`)."""
+    if jax.default_backend() == "cpu":
+      return rope_lookup(positions_BxT, self.inv_freq())
+    return rope_cos_sin(positions_BxT, self.inv_freq())
 
   def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
     """Token embeddings in the compute dtype."""
@@ -141,11 +149,11 @@ class Decoder(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
     mask_Bx1xTxT = decoder_mask(segment_ids, positions)
-    inv_freq = self.inv_freq()
+    rope = self.rope(positions)
     run = _run_block_remat if self.cfg.remat else _run_block
     x_BxTxD = self.embed_tokens(tokens_BxT)
     for block in self.layers:
       x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
-      x_BxTxD = run(block, x_BxTxD, positions, mask_Bx1xTxT, inv_freq)
+      x_BxTxD = run(block, x_BxTxD, rope, mask_Bx1xTxT)
     with jax.named_scope("head"):
       return constrain(self.logits(x_BxTxD), ("batch", None, "vocab"))
