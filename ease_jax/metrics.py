@@ -49,10 +49,11 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
   return flops_per_token * tokens_per_sec / (peak_per_device * num_devices)
 
 
-def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
-  """Device scalars -> Python floats (this is where the host waits for the device)."""
-  host = jax.device_get(dict(metrics))
-  return {k: float(np.asarray(v)) for k, v in host.items()}
+def to_python_rows(metrics: Mapping[str, Any]) -> list[dict[str, float]]:
+  """Device metrics of one step (scalars) or of several (stacked [steps]) -> one dict of
+  Python floats per step (this is where the host waits for the device)."""
+  host = {k: np.asarray(v).reshape(-1) for k, v in jax.device_get(dict(metrics)).items()}
+  return [{k: float(v[i]) for k, v in host.items()} for i in range(len(next(iter(host.values()))))]
 
 
 def _jsonable(v: float) -> float | str:

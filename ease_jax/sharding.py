@@ -101,9 +101,10 @@ def param_shardings(mesh: Mesh, tree: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch rows split over (data, fsdp); the sequence axis is not split."""
-  return NamedSharding(mesh, P(RULES["batch"], None))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Batch rows split over (data, fsdp); the sequence axis is not split. `stacked`: batches
+  of several steps [steps, B, T], the steps axis not split."""
+  return NamedSharding(mesh, P(None, RULES["batch"], None) if stacked else P(RULES["batch"], None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

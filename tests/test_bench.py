@@ -68,8 +68,8 @@ def test_packed_batch_layout():
 class _FakeStep:
   """Records the order of calls into one shared log; `step` waits, `dispatch` does not."""
 
-  def __init__(self, name: str, log: list):
-    self.name, self.log = name, log
+  def __init__(self, name: str, log: list, steps_per_call: int = 1):
+    self.name, self.log, self.steps_per_call = name, log, steps_per_call
 
   def __call__(self, batch):  # the torch step
     self.log.append((self.name, batch))
@@ -99,18 +99,28 @@ class _Pipeline:
 
 
 def test_packed_run_fetches_the_next_batch_while_its_step_runs():
-  """(b) as the training loop runs: dispatch step k, fetch batch k+1, then wait for step k;
-  no step of (b) is still running when (a) or (c) starts, and every batch is used once."""
+  """(b) as the training loop runs: dispatch call k, fetch call k+1's batches, then wait for
+  call k; no call of (b) is still running when (a) or (c) starts, and every batch is used
+  once. With 2 steps per call, 3 batches run as a call of 2 and a single step."""
   log: list = []
   padded = [{"torch": f"t{i}", "ease": f"e{i}"} for i in range(4)]
-  packed = _FakeStep("b", log)
-  tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log), packed,
+  tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log), _FakeStep("b", log),
                         _Pipeline(["p0", "p1"], log), n_packed=2)
   assert log == [("fetch", "p0"),
                  ("a", "t0"), ("c", "e0"),
-                 ("b dispatch", "p0"), ("fetch", "p1"), ("wait", "p0"),
+                 ("b dispatch", ["p0"]), ("fetch", "p1"), ("wait", ["p0"]),
                  ("a", "t1"), ("c", "e1"), ("a", "t2"), ("c", "e2"),
-                 ("b dispatch", "p1"), ("wait", "p1"),
+                 ("b dispatch", ["p1"]), ("wait", ["p1"]),
+                 ("a", "t3"), ("c", "e3")]
+  log.clear()
+  tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log),
+                        _FakeStep("b", log, steps_per_call=2),
+                        _Pipeline(["p0", "p1", "p2"], log), n_packed=3)
+  assert log == [("fetch", "p0"), ("fetch", "p1"),
+                 ("a", "t0"), ("c", "e0"),
+                 ("b dispatch", ["p0", "p1"]), ("fetch", "p2"), ("wait", ["p0", "p1"]),
+                 ("a", "t1"), ("c", "e1"), ("a", "t2"), ("c", "e2"),
+                 ("b dispatch", ["p2"]), ("wait", ["p2"]),
                  ("a", "t3"), ("c", "e3")]
   with pytest.raises(RuntimeError, match="fewer batches"):
     tvr.interleaved_epoch(padded, _FakeStep("a", []), _FakeStep("c", []), _FakeStep("b", []),

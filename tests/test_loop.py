@@ -80,6 +80,34 @@ def test_resume_in_a_new_process_equals_an_uninterrupted_run(straight_run, tmp_p
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5, err_msg=str(a))
 
 
+def test_several_steps_per_call_equal_one_per_call(straight_run, tmp_path):
+  """train.steps_per_call=2, stopped after step 3 and resumed: steps 1-2 and 4-5 run as one
+  call each, 3 and 6 alone (a boundary or the end comes first). The same parameters and
+  per-step metrics as the one-step-per-call run."""
+  run_dir, _ = straight_run
+  cfg, _ = tiny_config(tmp_path, "train.steps_per_call=2")
+  calls = []
+  several = loop._call_steps
+
+  def counting(run, step, last):
+    calls.append(several(run, step, last))
+    return calls[-1]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, "_call_steps", counting)
+    assert loop.train(cfg, stop_at=3).step == 3
+    assert loop.train(cfg).step == 6
+  assert calls == [2, 1, 2, 1]
+  for a, b in zip(final_params(run_dir, 6), final_params(tmp_path, 6), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  straight, grouped = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(tmp_path / "metrics.jsonl")
+  assert [m["step"] for m in grouped] == [1, 2, 3, 4, 5, 6]
+  for a, b in zip(straight, grouped):
+    a, b = ({k: v for k, v in m.items() if k not in TIMING} for m in (a, b))
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5, err_msg=str(a))
+
+
 def test_metrics_jsonl_tensorboard_and_config_are_written(straight_run):
   run_dir, _ = straight_run
   records = read_jsonl(run_dir / "metrics.jsonl")

@@ -76,7 +76,8 @@ class Run:
   mesh: Any
   model_cfg: Any
   state: step_lib.TrainState
-  train_fn: Any
+  train_fn: Any  # one step
+  train_calls: Any  # train.steps_per_call steps per call (None when that is 1)
   eval_fn: Any
   train_data: Pipeline
   eval_data: Pipeline | None
@@ -129,9 +130,10 @@ def place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
-def to_global(local: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
-  """Per-process numpy rows -> one global batch split over (data, fsdp)."""
-  s = sharding.batch_sharding(mesh)
+def to_global(local: dict[str, np.ndarray], mesh: Any, stacked: bool = False) -> dict[str, jax.Array]:
+  """Per-process numpy rows -> one global batch split over (data, fsdp); `stacked`: the
+  batches of several steps, [steps, B, T]."""
+  s = sharding.batch_sharding(mesh, stacked)
   return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
 
 
@@ -179,12 +181,15 @@ def setup(cfg: Config, fresh: bool = False) -> Run:
                  f"run: {', '.join(unfinished)}")
   ckpt = Checkpointer(run_dir, cfg.checkpoint)
   state, start, skipped, problems = _resume(ckpt, state, data_iter)
-  train_fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
-                                         optim.make_schedule(cfg.train, steps))
+  schedule = optim.make_schedule(cfg.train, steps)
+  train_fn = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state, schedule)
+  calls = cfg.train.steps_per_call
+  train_calls = (step_lib.compile_train_step(graphdef, tx, cfg, mesh, state, schedule, calls)
+                 if calls > 1 else None)  # each compiles at its first use
   eval_fn = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if eval_data else None
   behave = behavior.make(cfg, graphdef, state.params, model_cfg, tokenizer, mesh, run_dir)
-  return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, eval_fn, train_data, eval_data,
-             data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave)
+  return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, train_calls, eval_fn, train_data,
+             eval_data, data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave)
 
 
 def present_losses(scalars: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -235,19 +240,23 @@ class Logger:
     self.last: dict[str, float] = {}
     self.writer.write_text("config", config_lib.dump_yaml(cfg), run.start_step)
 
-  def read(self, step: int, device_metrics: dict) -> dict[str, float]:
-    """Fetches one step's metrics (a host sync), stops on NaN/Inf, adds throughput."""
-    scalars = metrics_lib.to_python(device_metrics)
-    if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
-      if not self.run.cfg.train.skip_nonfinite_steps:
-        self.raise_nonfinite(step, f"loss became {scalars['loss/total']} (or a gradient "
-                             "non-finite)")
-      self.skipped += 1
-      self.progress.message(f"step {step}: non-finite loss or gradient, update skipped "
-                            f"({self.skipped} so far)")
-    scalars = present_losses(scalars) | self.throughput.update(step)
-    scalars["skipped_steps"] = float(self.skipped)
-    return scalars
+  def read(self, step: int, device_metrics: dict) -> list[tuple[int, dict[str, float]]]:
+    """Fetches one call's metrics (a host sync): (step, scalars) of each step it ran, the
+    last being `step` (metrics of several steps are stacked). Stops on NaN/Inf; adds
+    throughput, measured over the call."""
+    rows = metrics_lib.to_python_rows(device_metrics)
+    rate = self.throughput.update(step)
+    out = []
+    for at, scalars in zip(range(step - len(rows) + 1, step + 1), rows):
+      if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
+        if not self.run.cfg.train.skip_nonfinite_steps:
+          self.raise_nonfinite(at, f"loss became {scalars['loss/total']} (or a gradient "
+                               "non-finite)")
+        self.skipped += 1
+        self.progress.message(f"step {at}: non-finite loss or gradient, update skipped "
+                              f"({self.skipped} so far)")
+      out.append((at, present_losses(scalars) | rate | {"skipped_steps": float(self.skipped)}))
+    return out
 
   def write(self, step: int, scalars: dict[str, float], force: bool = False) -> None:
     """Writes the scalars every train.log_every steps (or when forced) and updates progress."""
@@ -258,7 +267,8 @@ class Logger:
     self.progress.update(step, scalars, force=last or step == self.run.start_step + 1)
 
   def log(self, step: int, device_metrics: dict) -> None:
-    self.write(step, self.read(step, device_metrics))
+    for at, scalars in self.read(step, device_metrics):
+      self.write(at, scalars)
 
   def raise_nonfinite(self, step: int, what: str, skippable: bool = True) -> None:
     """Stops the run naming the step and the last good checkpoint."""
@@ -295,7 +305,9 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
   `stop` (a preemption): save this step whatever the schedule says, and wait for the write.
   """
   cfg = run.cfg
-  scalars = logger.read(step, metrics)
+  *before, (_, scalars) = logger.read(step, metrics)
+  for at, earlier in before:
+    logger.write(at, earlier)
   eval_due = run.eval_data is not None and (
       step == run.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
   if eval_due:
@@ -326,21 +338,40 @@ def _is_boundary(run: Run, step: int, last: int) -> bool:
           or (run.behavior is not None and behavior.due(run.cfg, step, run.total_steps)))
 
 
+def _call_steps(run: Run, step: int, last: int) -> int:
+  """How many steps the next call runs after `step`: train.steps_per_call when no eval,
+  checkpoint or behavior boundary (nor `last`) comes before its end, else 1."""
+  n = run.cfg.train.steps_per_call
+  if n == 1 or step + n > last or any(_is_boundary(run, s, last) for s in range(step + 1, step + n)):
+    return 1
+  return n
+
+
 def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None = None) -> int:
-  """Steps start+1..last; step N's metrics are read after step N+1 is dispatched.
+  """Steps start+1..last, train.steps_per_call per call where no boundary intervenes; a
+  call's metrics are read after the next call is dispatched.
 
   Returns the last step run: earlier than `last` when `signals` asked to stop.
   """
-  padding = jax.jit(lambda seg: jnp.mean(seg == 0), out_shardings=sharding.replicated(run.mesh))
-  pending = None
-  for step in range(run.start_step + 1, last + 1):
-    batch = to_global(next(run.data_iter), run.mesh)
-    run.state, metrics = run.train_fn(run.state, batch)
+  padding = jax.jit(lambda seg: jnp.mean(seg == 0, axis=(-2, -1)),
+                    out_shardings=sharding.replicated(run.mesh))
+  pending, step = None, run.start_step
+  while step < last:
+    n = _call_steps(run, step, last)
+    if n == 1:
+      batch = to_global(next(run.data_iter), run.mesh)
+      run.state, metrics = run.train_fn(run.state, batch)
+    else:
+      local = [next(run.data_iter) for _ in range(n)]
+      batch = to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, run.mesh, True)
+      run.state, metrics = run.train_calls(run.state, batch)
+    step += n
     metrics["padding_fraction"] = padding(batch["segment_ids"])
     if pending:
       logger.log(*pending)
     pending = (step, metrics)
-    stop = signals is not None and signals.requested(step)
+    # Every step is reported: the preemption service may pick any step to stop after.
+    stop = signals is not None and any([signals.requested(s) for s in range(step - n + 1, step + 1)])
     if stop or _is_boundary(run, step, last):
       _boundary(run, logger, step, metrics, last, stop=stop)
       pending = None

@@ -141,19 +141,25 @@ def _on_mesh(fn: Callable, mesh: Mesh) -> Callable:
 
 
 def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
-                       mesh: Mesh, state: TrainState,
-                       schedule: optax.Schedule) -> Callable[[TrainState, dict], tuple]:
+                       mesh: Mesh, state: TrainState, schedule: optax.Schedule,
+                       steps: int = 1) -> Callable[[TrainState, dict], tuple]:
   """`train_step` jitted once for `cfg` on `mesh`, with explicit shardings; the state is donated.
 
   Place the state with `sharding.put(state, state_shardings(mesh, state))` first; the
   batch must be a global array (or host data on one process) split by `batch_sharding`.
+  `steps` > 1: one call runs that many optimizer steps in a `lax.scan` over batches
+  stacked [steps, B, T] (split by `batch_sharding(mesh, stacked=True)`) and returns the
+  metrics stacked [steps]; the same updates as `steps` calls.
   """
   shardings = state_shardings(mesh, state)
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_cfg=cfg.loss,
                          grad_accum=cfg.train.grad_accum, schedule=schedule,
                          trainable=cfg.train.trainable,
                          skip_nonfinite=cfg.train.skip_nonfinite_steps)
-  return jax.jit(_on_mesh(fn, mesh), in_shardings=(shardings, sharding.batch_sharding(mesh)),
+  if steps > 1:
+    fn = functools.partial(jax.lax.scan, fn)
+  return jax.jit(_on_mesh(fn, mesh),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh, stacked=steps > 1)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 

@@ -32,6 +32,7 @@ a round first). Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--kv-heads", type=int, default=2)
   ap.add_argument("--intermediate", type=int, default=704)
+  ap.add_argument("--steps-per-call", type=int, default=1,
+                  help="(b)'s train.steps_per_call: optimizer steps per compiled call")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--smoke", action="store_true", help="tiny everything: checks that it runs")
   args = ap.parse_args(argv)
@@ -96,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.error("--examples must be at least --batch-size")
   if args.warmup_rounds is None:
     args.warmup_rounds = 0 if args.smoke else 1
-  if args.rounds < 1 or args.warmup_rounds < 0:
-    ap.error("--rounds must be at least 1 and --warmup-rounds at least 0")
+  if args.rounds < 1 or args.warmup_rounds < 0 or args.steps_per_call < 1:
+    ap.error("--rounds and --steps-per-call must be at least 1 and --warmup-rounds at least 0")
   return args
 
 
@@ -190,7 +193,7 @@ class JaxTrainer:
   """The ease-jax train step compiled for [batch, max_len]; holds the donated state."""
 
   def __init__(self, directory: str, cfg, total_steps: int, example_batch: dict,
-               compute_dtype: str = "float32"):
+               compute_dtype: str = "float32", steps_per_call: int = 1):
     import jax
     from ease_jax import hf, sharding
     from ease_jax.train import optim, step as step_lib
@@ -202,19 +205,35 @@ class JaxTrainer:
     # Called as the jitted function, as the training loop calls it: jax's C++ dispatch path.
     # (A `.lower().compile()`d executable dispatches through Python: ~25 ms per call in a
     # profile, though it overlapped the execution and the epochs did not change.)
-    self.step_fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state,
-                                               optim.make_schedule(cfg.train, total_steps))
+    schedule = optim.make_schedule(cfg.train, total_steps)
+    self.step_fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state, schedule)
+    self.steps_per_call = steps_per_call
     # The first call compiles; it is timed as compile + one step and kept out of the epochs.
     self.first_loss, self.compile_s = common.timed(lambda: self.step(example_batch))
+    if steps_per_call > 1:  # as train.steps_per_call: several steps per compiled call
+      self.calls_fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state,
+                                                  schedule, steps_per_call)
+      _, seconds = common.timed(lambda: wait(self.dispatch([example_batch] * steps_per_call)))
+      self.compile_s += seconds
 
-  def dispatch(self, batch: dict) -> dict:
-    """Starts one step; returns its (device) metrics without waiting."""
-    self.state, metrics = self.step_fn(self.state, batch)
+  def dispatch(self, group: list[dict]) -> dict:
+    """Starts one call of one step or of `steps_per_call` steps (metrics stacked); returns
+    its (device) metrics without waiting."""
+    if len(group) == 1:
+      self.state, metrics = self.step_fn(self.state, group[0])
+    else:
+      stacked = {k: np.stack([b[k] for b in group]) for k in group[0]}
+      self.state, metrics = self.calls_fn(self.state, stacked)
     return metrics
 
   def step(self, batch: dict) -> float:
     """One step, waited for; returns its loss."""
-    return float(self.dispatch(batch)["loss/total"])
+    return wait(self.dispatch([batch]))
+
+
+def wait(metrics: dict) -> float:
+  """Waits for a call; the loss of its last step."""
+  return float(np.asarray(metrics["loss/total"]).reshape(-1)[-1])
 
 
 def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packed: JaxTrainer,
@@ -223,29 +242,32 @@ def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packe
   each padded batch through (a) the torch step and (c) the jax step, and the `n_packed`
   batches of (b) spread evenly among them.
 
-  (b) runs as the training loop does (`ease_jax.train.loop.run_steps`): it dispatches a step,
-  then fetches the next batch from the pipeline (render and pack) while that step runs. Each
-  (b) turn still waits for its step before the next run's turn, so no two runs overlap; the
-  epoch's first fetch, which nothing hides, is timed too."""
+  (b) runs as the training loop does (`ease_jax.train.loop.run_steps`): it dispatches a call
+  (`packed.steps_per_call` steps, single steps for the remainder), then fetches the next
+  call's batches from the pipeline (render and pack) while that call runs. Each (b) turn
+  still waits for its call before the next run's turn, so no two runs overlap; the epoch's
+  first fetch, which nothing hides, is timed too."""
   t_ref, t_pad, t_pack = common.Timer(), common.Timer(), common.Timer()
   it = iter(pipeline)
+  per_call = getattr(packed, "steps_per_call", 1)
+  sizes = [per_call] * (n_packed // per_call) + [1] * (n_packed % per_call)
   with t_pack:
-    upcoming = next(it)
-  steps = 0
+    upcoming = list(itertools.islice(it, sizes[0]))
+  steps = calls = 0
   for i, b in enumerate(batches):
     with t_ref:
       torch_step(b["torch"])
     with t_pad:
       padded.step(b["ease"])
     while steps < math.ceil((i + 1) * n_packed / len(batches)):
-      if upcoming is None:
+      if len(upcoming) < sizes[calls]:
         raise RuntimeError("the pipeline yielded fewer batches than on its first pass")
       with t_pack:
         metrics = packed.dispatch(upcoming)
-        upcoming = next(it, None) if steps + 1 < n_packed else None
-        float(metrics["loss/total"])  # waits for the step
-      steps += 1
-  if upcoming is not None or next(it, None) is not None:
+        steps, calls = steps + sizes[calls], calls + 1
+        upcoming = list(itertools.islice(it, sizes[calls])) if calls < len(sizes) else []
+        wait(metrics)
+  if upcoming or next(it, None) is not None:
     raise RuntimeError("the pipeline yielded more batches than on its first pass")
   return {"reference_s": t_ref.seconds, "ease_padded_s": t_pad.seconds,
           "ease_packed_s": t_pack.seconds}
@@ -291,8 +313,8 @@ def run_rounds(args: argparse.Namespace, s: dict, directory: str) -> dict:
   padded_steps = epochs * len(s["batches"]) + 1  # the schedules cover every step run
   torch_step = torch_trainer(s["torch_model"], s["cfg"].train, padded_steps)
   padded = JaxTrainer(model_dir, s["cfg"], padded_steps, s["batches"][0]["ease"], args.dtype)
-  packed = JaxTrainer(model_dir, s["cfg"], epochs * s["packed_batches"] + 1,
-                      s["batches"][0]["ease"], args.dtype)
+  packed = JaxTrainer(model_dir, s["cfg"], epochs * s["packed_batches"] + 1 + args.steps_per_call,
+                      s["batches"][0]["ease"], args.dtype, args.steps_per_call)
   first = s["batches"][0]
   warm_torch_loss, warm_torch_s = common.timed(lambda: torch_step(first["torch"]))
   rounds = []
@@ -327,7 +349,7 @@ def summarize(args: argparse.Namespace, s: dict, r: dict) -> dict:
                 "params": mcfg.num_params()},
       "examples": len(s["examples"]), "scale": args.scale, "max_length": s["max_len"],
       "batch_size": args.batch_size, "rounds": args.rounds, "smoke": args.smoke,
-      "dtype": args.dtype,
+      "dtype": args.dtype, "steps_per_call": args.steps_per_call,
       "mean_example_tokens": float(np.mean([len(e.ids) for e in s["examples"]])),
       "supervised_tokens_per_epoch": supervised,
       "steps_per_epoch": {"reference": len(s["batches"]), "ease_packed": s["packed_batches"]},
@@ -363,7 +385,8 @@ def report(res: dict) -> None:
   common.print_table(
       ["run", "steps/epoch", "epoch s", "supervised tok/s"],
       [["(a) reference torch, padded", steps["reference"], ep["reference"], sup["reference"]],
-       ["(b) ease-jax, packed", steps["ease_packed"], ep["ease_packed"], sup["ease_packed"]],
+       [f"(b) ease-jax, packed, {res['steps_per_call']}/call", steps["ease_packed"],
+        ep["ease_packed"], sup["ease_packed"]],
        ["(c) ease-jax, same padded batches", steps["reference"], ep["ease_padded"],
         sup["ease_padded"]]])
   print(f"b/a = {res['ratio_b_over_a']:.2f} (goal >= {GOAL_B_OVER_A}); c = jax/torch on the same "
