@@ -2,7 +2,8 @@
 
 The host dispatches step N and only then reads step N-1's metrics, so it never
 waits for the device except at evaluation and checkpoint steps (where it must:
-a checkpoint is only written after its step's loss was seen to be finite).
+a checkpoint is only written after its step's loss was seen to be finite). With
+train.steps_per_call=K a "step" here is a call of K steps between boundaries.
 
 Preemption: SIGTERM (and a first Ctrl-C) sets a flag that the loop checks between
 steps; it then saves a checkpoint, waits for it to be written, and returns with
@@ -23,18 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ease_jax import checkpoint, config as config_lib, init, metrics as metrics_lib, sharding
-from ease_jax.batch import OBJECTIVES
+from ease_jax import checkpoint, config as config_lib, init, sharding
 from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
 from ease_jax.train import behavior, loss as loss_lib, optim, step as step_lib
+# NonFiniteLossError is re-exported: launch/train.py catches loop.NonFiniteLossError.
+from ease_jax.train.logger import Logger, NonFiniteLossError, present_losses  # noqa: F401
 from ease_jax.train.signals import StopSignals
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss or the gradients became NaN/Inf; the message names the step and checkpoint."""
 
 
 @dataclasses.dataclass
@@ -130,7 +128,8 @@ def place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
-def to_global(local: dict[str, np.ndarray], mesh: Any, stacked: bool = False) -> dict[str, jax.Array]:
+def to_global(local: dict[str, np.ndarray], mesh: Any,
+              stacked: bool = False) -> dict[str, jax.Array]:
   """Per-process numpy rows -> one global batch split over (data, fsdp); `stacked`: the
   batches of several steps, [steps, B, T]."""
   s = sharding.batch_sharding(mesh, stacked)
@@ -192,15 +191,6 @@ def setup(cfg: Config, fresh: bool = False) -> Run:
              eval_data, data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave)
 
 
-def present_losses(scalars: dict[str, float], prefix: str = "") -> dict[str, float]:
-  """Drops loss/<k> of objectives (and the gate) absent from the batch: their 0 means nothing."""
-  out = dict(scalars)
-  for k in (*OBJECTIVES, "gate"):
-    if out.get(f"{prefix}tokens/{k}", 1) == 0:
-      out.pop(f"{prefix}loss/{k}", None)
-  return out
-
-
 def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
@@ -223,65 +213,6 @@ def evaluate(run: Run, state: step_lib.TrainState) -> dict[str, float]:
   _, out = loss_lib.finalize({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()},
                              run.cfg.loss)
   return present_losses({f"eval/{k}": float(v) for k, v in out.items()}, prefix="eval/")
-
-
-class Logger:
-  """Turns step metrics into logged scalars: NaN guard, throughput, jsonl + TensorBoard."""
-
-  def __init__(self, run: Run):
-    self.run, cfg = run, run.cfg
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    self.throughput = metrics_lib.Throughput(
-        tokens, run.model_cfg.flops_per_token(cfg.train.seq_len), jax.device_count(),
-        metrics_lib.peak_flops_per_device())
-    self.writer = metrics_lib.MetricsWriter(run.run_dir, resume_step=run.start_step)
-    self.progress = metrics_lib.Progress(run.total_steps, run.start_step)
-    self.skipped = run.skipped_steps  # restored with the checkpoint: the count survives resumes
-    self.last: dict[str, float] = {}
-    self.writer.write_text("config", config_lib.dump_yaml(cfg), run.start_step)
-
-  def read(self, step: int, device_metrics: dict) -> list[tuple[int, dict[str, float]]]:
-    """Fetches one call's metrics (a host sync): (step, scalars) of each step it ran, the
-    last being `step` (metrics of several steps are stacked). Stops on NaN/Inf; adds
-    throughput, measured over the call."""
-    rows = metrics_lib.to_python_rows(device_metrics)
-    rate = self.throughput.update(step)
-    out = []
-    for at, scalars in zip(range(step - len(rows) + 1, step + 1), rows):
-      if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
-        if not self.run.cfg.train.skip_nonfinite_steps:
-          self.raise_nonfinite(at, f"loss became {scalars['loss/total']} (or a gradient "
-                               "non-finite)")
-        self.skipped += 1
-        self.progress.message(f"step {at}: non-finite loss or gradient, update skipped "
-                              f"({self.skipped} so far)")
-      out.append((at, present_losses(scalars) | rate | {"skipped_steps": float(self.skipped)}))
-    return out
-
-  def write(self, step: int, scalars: dict[str, float], force: bool = False) -> None:
-    """Writes the scalars every train.log_every steps (or when forced) and updates progress."""
-    self.last = scalars
-    last = step == self.run.total_steps
-    if force or last or step % self.run.cfg.train.log_every == 0:
-      self.writer.write_scalars(step, scalars)
-    self.progress.update(step, scalars, force=last or step == self.run.start_step + 1)
-
-  def log(self, step: int, device_metrics: dict) -> None:
-    for at, scalars in self.read(step, device_metrics):
-      self.write(at, scalars)
-
-  def raise_nonfinite(self, step: int, what: str, skippable: bool = True) -> None:
-    """Stops the run naming the step and the last good checkpoint."""
-    last = self.run.ckpt.latest_step()
-    where = (f"the last good checkpoint is step {last} in {self.run.ckpt.directory}; running "
-             f"the same command again resumes from it" if last else "no checkpoint was saved yet")
-    fix = " or set train.skip_nonfinite_steps=true to skip such steps" if skippable else ""
-    raise NonFiniteLossError(f"{what} at step {step}; training stopped. {where}. Lower "
-                             f"train.lr{fix}.")
-
-  def close(self) -> None:
-    self.progress.close()
-    self.writer.close()
 
 
 def _announce(run: Run) -> None:
@@ -342,9 +273,9 @@ def _call_steps(run: Run, step: int, last: int) -> int:
   """How many steps the next call runs after `step`: train.steps_per_call when no eval,
   checkpoint or behavior boundary (nor `last`) comes before its end, else 1."""
   n = run.cfg.train.steps_per_call
-  if n == 1 or step + n > last or any(_is_boundary(run, s, last) for s in range(step + 1, step + n)):
+  if n == 1 or step + n > last:
     return 1
-  return n
+  return 1 if any(_is_boundary(run, s, last) for s in range(step + 1, step + n)) else n
 
 
 def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None = None) -> int:
@@ -363,7 +294,8 @@ def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None =
       run.state, metrics = run.train_fn(run.state, batch)
     else:
       local = [next(run.data_iter) for _ in range(n)]
-      batch = to_global({k: np.stack([b[k] for b in local]) for k in local[0]}, run.mesh, True)
+      stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
+      batch = to_global(stacked, run.mesh, stacked=True)
       run.state, metrics = run.train_calls(run.state, batch)
     step += n
     metrics["padding_fraction"] = padding(batch["segment_ids"])
@@ -371,7 +303,8 @@ def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None =
       logger.log(*pending)
     pending = (step, metrics)
     # Every step is reported: the preemption service may pick any step to stop after.
-    stop = signals is not None and any([signals.requested(s) for s in range(step - n + 1, step + 1)])
+    stop = signals is not None and any([signals.requested(s)
+                                        for s in range(step - n + 1, step + 1)])
     if stop or _is_boundary(run, step, last):
       _boundary(run, logger, step, metrics, last, stop=stop)
       pending = None
