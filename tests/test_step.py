@@ -165,8 +165,10 @@ def test_grad_accumulation_equals_one_big_batch():
   assert len({float(p["loss_weight"].sum()) for p in parts}) > 1
 
 
-def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False) -> dict:
-  """Per step (loss/total, grad_norm, param_norm) of the compiled step on a mesh; trace count."""
+def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False,
+                   per_call: int = 1) -> dict:
+  """Per step (loss/total, grad_norm, param_norm) of the compiled step on a mesh; trace count.
+  `per_call` > 1: that many steps per call (train.steps_per_call), batches stacked."""
   cfg = replace(Config(), train=train_cfg(grad_accum=2))
   devices = jax.devices()[:np.prod([max(v, 1) for v in vars(mesh_cfg).values()])]
   mesh = sharding.make_mesh(mesh_cfg, devices=devices)
@@ -175,9 +177,16 @@ def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = Fals
   state = sharding.put(state, step_lib.state_shardings(mesh, state))
   with mock.patch.object(step_lib, "train_step", wraps=step_lib.train_step) as traced:
     train = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
-                                        optim.make_schedule(cfg.train, 10))
+                                        optim.make_schedule(cfg.train, 10), per_call)
     evaluate = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if check_eval else None
     out = []
+    if per_call > 1:
+      for first in range(0, steps, per_call):
+        group = [make_batch(10 + i, B=16) for i in range(first, first + per_call)]
+        state, m = train(state, {k: np.stack([b[k] for b in group]) for k in group[0]})
+        out += [[float(m[k][i]) for k in ("loss/total", "grad_norm", "param_norm")]
+                for i in range(per_call)]
+      return {"metrics": out, "traces": traced.call_count, "step": int(state.step)}
     for i in range(steps):
       batch = make_batch(10 + i, B=16)
       if evaluate is not None:  # the eval sums of the same batch give the step's loss
@@ -204,7 +213,10 @@ sys.path.insert(0, "tests")
 from test_step import sharded_losses
 from ease_jax.config import MeshConfig
 meshes = {"fsdp4_tensor2": dict(fsdp=4, tensor=2), "data2_fsdp4": dict(data=2, fsdp=4)}
-print(json.dumps({name: sharded_losses(MeshConfig(**m))["metrics"] for name, m in meshes.items()}))
+out = {name: sharded_losses(MeshConfig(**m))["metrics"] for name, m in meshes.items()}
+# train.steps_per_call=5: the five steps in one call, batches stacked [5, B, T] on the mesh
+out["data2_fsdp4_5_per_call"] = sharded_losses(MeshConfig(data=2, fsdp=4), per_call=5)["metrics"]
+print(json.dumps(out))
 """
 
 
