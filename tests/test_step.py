@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ease_jax import sharding
+from ease_jax import batch as batch_lib, sharding
 from ease_jax.config import Config, MeshConfig, TrainConfig, replace
 from ease_jax.errors import ConfigError
 from ease_jax.models import Decoder, get_preset
@@ -183,7 +183,7 @@ def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = Fals
     if per_call > 1:
       for first in range(0, steps, per_call):
         group = [make_batch(10 + i, B=16) for i in range(first, first + per_call)]
-        state, m = train(state, {k: np.stack([b[k] for b in group]) for k in group[0]})
+        state, m = train(state, batch_lib.stack(group))
         out += [[float(m[k][i]) for k in ("loss/total", "grad_norm", "param_norm")]
                 for i in range(per_call)]
       return {"metrics": out, "traces": traced.call_count, "step": int(state.step)}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ease_jax import checkpoint, config as config_lib, init, sharding
+from ease_jax import batch as batch_lib, checkpoint, config as config_lib, init, sharding
 from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
 from ease_jax.data.pipeline import Pipeline
@@ -294,8 +294,7 @@ def run_steps(run: Run, logger: Logger, last: int, signals: StopSignals | None =
       run.state, metrics = run.train_fn(run.state, batch)
     else:
       local = [next(run.data_iter) for _ in range(n)]
-      stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
-      batch = to_global(stacked, run.mesh, stacked=True)
+      batch = to_global(batch_lib.stack(local), run.mesh, stacked=True)
       run.state, metrics = run.train_calls(run.state, batch)
     step += n
     metrics["padding_fraction"] = padding(batch["segment_ids"])

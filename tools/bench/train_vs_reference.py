@@ -225,8 +225,8 @@ class JaxTrainer:
     if len(group) == 1:
       self.state, metrics = self.step_fn(self.state, group[0])
     else:
-      stacked = {k: np.stack([b[k] for b in group]) for k in group[0]}
-      self.state, metrics = self.calls_fn(self.state, stacked)
+      from ease_jax.batch import stack
+      self.state, metrics = self.calls_fn(self.state, stack(group))
     return metrics
 
   def step(self, batch: dict) -> float:
