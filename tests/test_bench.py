@@ -113,15 +113,23 @@ def test_packed_run_fetches_the_next_batch_while_its_step_runs():
                  ("b dispatch", ["p1"]), ("wait", ["p1"]),
                  ("a", "t3"), ("c", "e3")]
   log.clear()
-  tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log),
-                        _FakeStep("b", log, steps_per_call=2),
-                        _Pipeline(["p0", "p1", "p2"], log), n_packed=3)
+  r = tvr.interleaved_epoch(padded, _FakeStep("a", log), _FakeStep("c", log),
+                            _FakeStep("b", log, steps_per_call=2),
+                            _Pipeline(["p0", "p1", "p2"], log), n_packed=3)
   assert log == [("fetch", "p0"), ("fetch", "p1"),
                  ("a", "t0"), ("c", "e0"),
                  ("b dispatch", ["p0", "p1"]), ("fetch", "p2"), ("wait", ["p0", "p1"]),
                  ("a", "t1"), ("c", "e1"), ("a", "t2"), ("c", "e2"),
                  ("b dispatch", ["p2"]), ("wait", ["p2"]),
                  ("a", "t3"), ("c", "e3")]
+  # (b)'s epoch in parts: its first fetch and each call (steps, seconds), summing to it.
+  assert [n for n, _ in r["ease_packed_calls"]] == [2, 1]
+  parts = r["ease_packed_first_fetch_s"] + sum(sec for _, sec in r["ease_packed_calls"])
+  assert math.isclose(parts, r["ease_packed_s"], rel_tol=1e-9)
+  rounds = [{"ease_packed_first_fetch_s": f, "ease_packed_calls": [[2, 0.2 * f], [1, 0.3 * f]]}
+            for f in (1.0, 2.0, 3.0)]
+  assert tvr.packed_detail(rounds) == pytest.approx(
+      {"first_fetch_s": 2.0, "ms_per_step_in_multi_step_calls": 200.0, "ms_per_single_step": 600.0})
   with pytest.raises(RuntimeError, match="fewer batches"):
     tvr.interleaved_epoch(padded, _FakeStep("a", []), _FakeStep("c", []), _FakeStep("b", []),
                           _Pipeline(["p0"], []), n_packed=2)

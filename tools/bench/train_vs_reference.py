@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
+from trainers import JaxTrainer, torch_reference, torch_trainer, wait  # noqa: E402
 
 GOAL_B_OVER_A, GOAL_C = 4.0, 1.0
 
@@ -150,95 +151,6 @@ def model_config(args: argparse.Namespace, vocab: int):
                        max_position_embeddings=8192, tie_embeddings=True, qkv_bias=True)
 
 
-def torch_reference(mcfg, directory: str, seed: int, dtype: str):
-  """A random transformers Qwen2ForCausalLM, saved to `directory` in float32 for ease-jax,
-  then held in `dtype`."""
-  import torch
-  import transformers
-  from ease_jax.export import hf_config
-  torch.manual_seed(seed)
-  hf = transformers.Qwen2Config(**hf_config(mcfg, "float32"))
-  model = transformers.Qwen2ForCausalLM(hf).float()
-  model.save_pretrained(directory)
-  return model.to(getattr(torch, dtype))
-
-
-def torch_trainer(model, train_cfg, total_steps: int):
-  """The reference step: forward with labels, backward, clip, AdamW, LR schedule; under
-  bf16 autocast when the model is in bfloat16 (the recipe's `bf16=True`)."""
-  import torch
-  import transformers
-  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr,
-                          betas=(train_cfg.adam_b1, train_cfg.adam_b2), eps=train_cfg.adam_eps)
-  sched = transformers.get_cosine_schedule_with_warmup(
-      opt, math.ceil(train_cfg.warmup_ratio * total_steps), total_steps)
-  model.train()
-
-  bf16 = next(model.parameters()).dtype == torch.bfloat16
-
-  def step(batch: dict) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return out.loss.item()
-
-  return step
-
-
-class JaxTrainer:
-  """The ease-jax train step compiled for [batch, max_len]; holds the donated state."""
-
-  def __init__(self, directory: str, cfg, total_steps: int, example_batch: dict,
-               compute_dtype: str = "float32", steps_per_call: int = 1):
-    import jax
-    from ease_jax import hf, sharding
-    from ease_jax.train import optim, step as step_lib
-    model, _ = hf.load_pretrained(directory, dtype="float32", compute_dtype=compute_dtype)
-    self.mesh = sharding.make_mesh(cfg.mesh)
-    tx = optim.make_optimizer(cfg.train, total_steps)
-    graphdef, state = step_lib.init_state(model, tx, cfg.train.seed)
-    self.state = jax.device_put(state, step_lib.state_shardings(self.mesh, state))
-    # Called as the jitted function, as the training loop calls it: jax's C++ dispatch path.
-    # (A `.lower().compile()`d executable dispatches through Python: ~25 ms per call in a
-    # profile, though it overlapped the execution and the epochs did not change.)
-    schedule = optim.make_schedule(cfg.train, total_steps)
-    self.step_fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state, schedule)
-    self.steps_per_call = steps_per_call
-    # The first call compiles; it is timed as compile + one step and kept out of the epochs.
-    self.first_loss, self.compile_s = common.timed(lambda: self.step(example_batch))
-    if steps_per_call > 1:  # as train.steps_per_call: several steps per compiled call
-      self.calls_fn = step_lib.compile_train_step(graphdef, tx, cfg, self.mesh, self.state,
-                                                  schedule, steps_per_call)
-      _, seconds = common.timed(lambda: wait(self.dispatch([example_batch] * steps_per_call)))
-      self.compile_s += seconds
-
-  def dispatch(self, group: list[dict]) -> dict:
-    """Starts one call of one step or of `steps_per_call` steps (metrics stacked); returns
-    its (device) metrics without waiting."""
-    if len(group) == 1:
-      self.state, metrics = self.step_fn(self.state, group[0])
-    else:
-      from ease_jax.batch import stack
-      self.state, metrics = self.calls_fn(self.state, stack(group))
-    return metrics
-
-  def step(self, batch: dict) -> float:
-    """One step, waited for; returns its loss."""
-    return wait(self.dispatch([batch]))
-
-
-def wait(metrics: dict) -> float:
-  """Waits for a call; the loss of its last step."""
-  return float(np.asarray(metrics["loss/total"]).reshape(-1)[-1])
-
-
 def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packed: JaxTrainer,
                       pipeline, n_packed: int) -> dict:
   """One epoch of each run, step by step interleaved so all three see the same machine load:
@@ -249,13 +161,14 @@ def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packe
   (`packed.steps_per_call` steps, single steps for the remainder), then fetches the next
   call's batches from the pipeline (render and pack) while that call runs. Each (b) turn
   still waits for its call before the next run's turn, so no two runs overlap; the epoch's
-  first fetch, which nothing hides, is timed too."""
+  first fetch, which nothing hides, is timed too, and reported apart with each call's time."""
   t_ref, t_pad, t_pack = common.Timer(), common.Timer(), common.Timer()
   it = iter(pipeline)
   per_call = getattr(packed, "steps_per_call", 1)
   sizes = [per_call] * (n_packed // per_call) + [1] * (n_packed % per_call)
   with t_pack:
     upcoming = list(itertools.islice(it, sizes[0]))
+  first_fetch_s, call_s = t_pack.seconds, []
   steps = calls = 0
   for i, b in enumerate(batches):
     with t_ref:
@@ -265,15 +178,18 @@ def interleaved_epoch(batches: list[dict], torch_step, padded: JaxTrainer, packe
     while steps < math.ceil((i + 1) * n_packed / len(batches)):
       if len(upcoming) < sizes[calls]:
         raise RuntimeError("the pipeline yielded fewer batches than on its first pass")
+      before = t_pack.seconds
       with t_pack:
         metrics = packed.dispatch(upcoming)
         steps, calls = steps + sizes[calls], calls + 1
         upcoming = list(itertools.islice(it, sizes[calls])) if calls < len(sizes) else []
         wait(metrics)
+      call_s.append([sizes[calls - 1], t_pack.seconds - before])
   if upcoming or next(it, None) is not None:
     raise RuntimeError("the pipeline yielded more batches than on its first pass")
   return {"reference_s": t_ref.seconds, "ease_padded_s": t_pad.seconds,
-          "ease_packed_s": t_pack.seconds}
+          "ease_packed_s": t_pack.seconds, "ease_packed_first_fetch_s": first_fetch_s,
+          "ease_packed_calls": call_s}
 
 
 def setup(args: argparse.Namespace, directory: str) -> dict:
@@ -359,7 +275,7 @@ def summarize(args: argparse.Namespace, s: dict, r: dict) -> dict:
       "packing_efficiency": stats.packing_efficiency,
       "packed_supervised_tokens": stats.supervised_tokens,
       "pipeline_only_s": s["pipeline_s"],
-      "epoch_s": epoch,
+      "epoch_s": epoch, "ease_packed_detail": packed_detail(rounds),
       "supervised_tokens_per_s": {k: supervised / v for k, v in epoch.items()},
       "ratio_b_over_a": float(np.median([x["reference_s"] / x["ease_packed_s"] for x in rounds])),
       "ratio_c_jax_over_torch": float(np.median([x["reference_s"] / x["ease_padded_s"]
@@ -368,6 +284,19 @@ def summarize(args: argparse.Namespace, s: dict, r: dict) -> dict:
       "compile_s": r["compile_s"], "warmup_step_s": r["warmup_step_s"],
       "first_step_loss": r["first_step_loss"], "per_round": rounds,
       "warmup_rounds": r["warmup_rounds"]}
+
+
+def packed_detail(rounds: list[dict]) -> dict:
+  """Where (b)'s epoch went (medians over rounds): the first fetch, which nothing hides, and
+  milliseconds per step in its calls of several steps and in its single steps."""
+  def per_step(r: dict, multi: bool) -> float | None:
+    calls = [(n, sec) for n, sec in r["ease_packed_calls"] if (n > 1) == multi]
+    return 1000 * sum(sec for _, sec in calls) / sum(n for n, _ in calls) if calls else None
+  detail = {"first_fetch_s": float(np.median([r["ease_packed_first_fetch_s"] for r in rounds]))}
+  for key, multi in (("ms_per_step_in_multi_step_calls", True), ("ms_per_single_step", False)):
+    values = [v for v in (per_step(r, multi) for r in rounds) if v is not None]
+    detail[key] = float(np.median(values)) if values else None
+  return detail
 
 
 def report(res: dict) -> None:
@@ -392,6 +321,14 @@ def report(res: dict) -> None:
         ep["ease_packed"], sup["ease_packed"]],
        ["(c) ease-jax, same padded batches", steps["reference"], ep["ease_padded"],
         sup["ease_padded"]]])
+  d = res["ease_packed_detail"]
+  parts = [f"first fetch {d['first_fetch_s']:.2f} s (render and pack, not hidden)"]
+  if d["ms_per_step_in_multi_step_calls"] is not None:
+    parts.append(f"{d['ms_per_step_in_multi_step_calls']:.0f} ms per step in calls of "
+                 f"{res['steps_per_call']}")
+  if d["ms_per_single_step"] is not None:
+    parts.append(f"{d['ms_per_single_step']:.0f} ms per single step")
+  print("(b) in detail: " + "; ".join(parts))
   print(f"b/a = {res['ratio_b_over_a']:.2f} (goal >= {GOAL_B_OVER_A}); c = jax/torch on the same "
         f"padded batches = {res['ratio_c_jax_over_torch']:.2f} (goal >= {GOAL_C})")
   c, w, lo = res["compile_s"], res["warmup_step_s"], res["first_step_loss"]
