@@ -74,6 +74,10 @@ class TrainConfig:
   # Optimizer steps per compiled call (a lax.scan over that many batches): fewer dispatches,
   # and on XLA:CPU the step's scratch memory is mapped once per call, not once per step.
   steps_per_call: int = 1
+  # The model's tail (last MLP, final norm, LM head) and the cross-entropy run only on the
+  # positions with loss, padded to the next of this many static sizes (ease_jax/train/tail.py);
+  # 0 = on every position, plain autodiff.
+  tail_buckets: int = 8
   lr: float = 1e-5
   warmup_ratio: float = 0.03
   min_lr_ratio: float = 0.0
@@ -156,7 +160,7 @@ _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 _CHECKS: dict[str, tuple[Any, str]] = {
     "train.steps": _NON_NEGATIVE, "train.epochs": _POSITIVE, "train.batch_size": _POSITIVE,
     "train.seq_len": (lambda v: v >= 8, "an integer >= 8"), "train.grad_accum": _POSITIVE,
-    "train.steps_per_call": _POSITIVE,
+    "train.steps_per_call": _POSITIVE, "train.tail_buckets": _NON_NEGATIVE,
     "train.lr": _NON_NEGATIVE, "train.warmup_ratio": (lambda v: 0 <= v < 1, "a ratio in [0, 1)"),
     "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
     "train.weight_decay": _NON_NEGATIVE, "train.clip_norm": _NON_NEGATIVE,

@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 
 from ease_jax import batch as batch_lib, sharding
-from ease_jax.config import Config, MeshConfig, TrainConfig, replace
+from ease_jax.config import (Config, LossConfig, MeshConfig, ObjectiveWeights, TrainConfig,
+                             replace)
 from ease_jax.errors import ConfigError
 from ease_jax.models import Decoder, get_preset
 from ease_jax.train import loss as loss_lib
 from ease_jax.train import optim
 from ease_jax.train import step as step_lib
+from ease_jax.train import tail as tail_lib
 
 VOCAB = 512
 
@@ -60,7 +62,8 @@ def jit_step(tx, cfg: Config):
       step_lib.train_step, graphdef=nnx.split(tiny_model(), nnx.Param)[0], tx=tx,
       loss_cfg=cfg.loss, grad_accum=cfg.train.grad_accum,
       schedule=optim.make_schedule(cfg.train, 10),
-      trainable=cfg.train.trainable, skip_nonfinite=cfg.train.skip_nonfinite_steps))
+      trainable=cfg.train.trainable, skip_nonfinite=cfg.train.skip_nonfinite_steps,
+      tail_buckets=cfg.train.tail_buckets))
 
 
 def run_steps(fn, tx, batches, state=None):
@@ -163,6 +166,42 @@ def test_grad_accumulation_equals_one_big_batch():
   # The micro-batches differ in size, so a mean of their means would not match.
   parts = [{k: v[i::4] for k, v in batch.items()} for i in range(4)]
   assert len({float(p["loss_weight"].sum()) for p in parts}) > 1
+
+
+def test_bucket_sizes():
+  assert tail_lib.bucket_sizes(1808, 4) == (456, 904, 1360, 1808)
+  assert tail_lib.bucket_sizes(21, 8) == (8, 16, 21)  # multiples of 8, capped at T
+  assert tail_lib.bucket_sizes(16, 1) == (16,)
+
+
+@pytest.mark.parametrize("T,accum,trainable", [(16, 1, ".*"), (21, 2, ".*"),
+                                               (16, 1, r"layers\.0|^embed")])
+def test_tail_on_loss_positions_equals_every_position(T, accum, trainable):
+  """train.tail_buckets > 0 (the tail on positions with loss only, its gradient taken in the
+  forward) gives the gradients, updates and metrics of the plain path (0), whatever bucket
+  a batch lands in: rows without any loss, uneven rows, micro-batches, frozen tail params."""
+  batch = make_batch(4, B=8, T=T)
+  batch["loss_weight"][3] = 0.0  # a row without loss
+  batch["loss_weight"][5, 2:] = 1.0  # a row almost all loss
+  batch["loss_weight"][6, :-1] *= 0.5  # weights other than 1
+  results = {}
+  for buckets in (0, 1, 3, 8):
+    cfg = replace(Config(), train=train_cfg(grad_accum=accum, adam_eps=1e-3, trainable=trainable,
+                                            tail_buckets=buckets),
+                  loss=LossConfig(objective_weights=ObjectiveWeights(refusal=2.0)))
+    tx = optax.chain(keep_grads(), optim.make_optimizer(cfg.train, 10))
+    state, metrics = run_steps(jit_step(tx, cfg), tx, [batch])
+    results[buckets] = leaves(state.opt_state[0]), leaves(state.params), metrics[0]
+  g0, p0, m0 = results[0]
+  for buckets in (1, 3, 8):
+    g, p, m = results[buckets]
+    for k in g0:
+      np.testing.assert_allclose(g[k], g0[k], rtol=1e-4, atol=1e-5 * np.abs(g0[k]).max() + 1e-12,
+                                 err_msg=f"{buckets} {k}")
+      np.testing.assert_allclose(p[k], p0[k], rtol=1e-6, atol=1e-7, err_msg=f"{buckets} {k}")
+    for key in m0:
+      np.testing.assert_allclose(m[key], m0[key], rtol=1e-5, err_msg=f"{buckets} {key}")
+  assert any(np.abs(v).max() > 0 for k, v in g0.items() if k.startswith("norm"))  # the tail learns
 
 
 def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False,

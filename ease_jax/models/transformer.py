@@ -88,18 +88,29 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
+  def attend(self, x_BxTxD, rope, mask_Bx1xTxT):
+    """The attention half, residual included."""
     with jax.named_scope("attn"):  # names in profiles and HLO dumps
-      x_BxTxD = x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), rope, mask_Bx1xTxT)
+      return x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), rope, mask_Bx1xTxT)
+
+  def feed_forward(self, x_BxTxD):
+    """The MLP half, residual included. Row-wise: each position on its own."""
     with jax.named_scope("mlp"):
       return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
+    return self.feed_forward(self.attend(x_BxTxD, rope, mask_Bx1xTxT))
 
 
 def _run_block(block: Block, x_BxTxD, rope, mask_Bx1xTxT):
   return block(x_BxTxD, rope, mask_Bx1xTxT)
 
 
-_run_block_remat = nnx.remat(_run_block)
+def _run_attend(block: Block, x_BxTxD, rope, mask_Bx1xTxT):
+  return block.attend(x_BxTxD, rope, mask_Bx1xTxT)
+
+
+_run_block_remat, _run_attend_remat = nnx.remat(_run_block), nnx.remat(_run_attend)
 
 
 class Decoder(nnx.Module):
@@ -141,8 +152,9 @@ class Decoder(nnx.Module):
       w_DxV = self.lm_head[...].astype(x_BxTxD.dtype)
     return linear(x_BxTxD, w_DxV, jnp.float32)
 
-  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def trunk(self, tokens_BxT: jax.Array, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None) -> jax.Array:
+    """Everything before `tail`: the blocks up to the last block's attention half. [B,T,D]."""
     B, T = tokens_BxT.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -150,10 +162,35 @@ class Decoder(nnx.Module):
       segment_ids = jnp.ones((B, T), jnp.int32)
     mask_Bx1xTxT = decoder_mask(segment_ids, positions)
     rope = self.rope(positions)
-    run = _run_block_remat if self.cfg.remat else _run_block
+    run, attend = ((_run_block_remat, _run_attend_remat) if self.cfg.remat else
+                   (_run_block, _run_attend))
     x_BxTxD = self.embed_tokens(tokens_BxT)
-    for block in self.layers:
+    for i, block in enumerate(self.layers):
       x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
-      x_BxTxD = run(block, x_BxTxD, rope, mask_Bx1xTxT)
+      x_BxTxD = (run if i + 1 < len(self.layers) else attend)(block, x_BxTxD, rope, mask_Bx1xTxT)
+    return x_BxTxD
+
+  def tail(self, x_BxTxD: jax.Array) -> jax.Array:
+    """The row-wise rest: the last block's MLP half, the final norm and the output
+    projection: logits [B,T,V] (float32). Each position's logits depend on its own row of
+    `x_BxTxD` only, so the train step may run it on the rows that carry loss alone."""
+    x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
+    x_BxTxD = self.layers[len(self.layers) - 1].feed_forward(x_BxTxD)
     with jax.named_scope("head"):
       return constrain(self.logits(x_BxTxD), ("batch", None, "vocab"))
+
+  def tail_filter(self):
+    """An nnx filter for the parameters `tail` reads: the last block's MLP half, the final
+    norm, the output projection or the tied embedding."""
+    last = str(len(self.layers) - 1)
+
+    def reads(path: tuple, _) -> bool:
+      path = tuple(str(p) for p in path)
+      return (path[0] in ("embed", "lm_head", "norm")
+              or (path[:2] == ("layers", last) and path[2] in ("post_attention_layernorm", "mlp")))
+
+    return reads
+
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    return self.tail(self.trunk(tokens_BxT, positions, segment_ids))

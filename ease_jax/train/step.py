@@ -16,6 +16,7 @@ from ease_jax import sharding
 from ease_jax.config import Config, LossConfig
 from ease_jax.errors import ConfigError
 from ease_jax.train import loss as loss_lib
+from ease_jax.train import tail as tail_lib
 from ease_jax.train.optim import trainable_mask
 
 
@@ -54,14 +55,18 @@ def _logits(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array
   return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
-def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum):
+def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, tail_buckets):
   """Sums over micro-batches of the loss numerators and of the exact full-batch gradient shares."""
 
   def micro_loss(p, mb):
-    losses_BxT = loss_lib.token_losses(_logits(graphdef, p, mb), mb["targets"])
     # Global denominators make each micro-batch's share linear in its tokens, so the
     # summed gradient is the full-batch gradient, not a mean of micro-batch means.
-    share = (loss_lib.token_coefficients(mb, totals, loss_cfg) * losses_BxT).sum()
+    coef_BxT = loss_lib.token_coefficients(mb, totals, loss_cfg)
+    if tail_buckets:
+      share, losses_BxT = tail_lib.supervised_share(graphdef, p, mb, coef_BxT, tail_buckets)
+    else:
+      losses_BxT = loss_lib.token_losses(_logits(graphdef, p, mb), mb["targets"])
+      share = (coef_BxT * losses_BxT).sum()
     return share, loss_lib.numerator_sums(losses_BxT, mb, loss_cfg)
 
   def body(carry, mb):
@@ -77,9 +82,12 @@ def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum):
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int,
-               schedule: optax.Schedule, trainable: str = ".*",
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, trainable: str = ".*", skip_nonfinite: bool = False,
+               tail_buckets: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` ([B, T] fields of ease_jax.batch), in `grad_accum` micro-batches.
+
+  `tail_buckets` > 0: the model's tail runs only on the positions with loss
+  (`train.tail_buckets`, ease_jax/train/tail.py).
 
   Metrics: loss/* and tokens/* (see loss.finalize), lr, grad_norm (trainable params,
   before clipping), param_norm, nonfinite (1.0 when the loss or a gradient is NaN/Inf;
@@ -90,7 +98,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), state.params, mask)
   totals = loss_lib.weight_sums(batch, loss_cfg)
   grads, nums = _accumulate_grads(params, batch, totals, graphdef=graphdef, loss_cfg=loss_cfg,
-                                  grad_accum=grad_accum)
+                                  grad_accum=grad_accum, tail_buckets=tail_buckets)
   loss, metrics = loss_lib.finalize(nums | totals, loss_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -155,7 +163,8 @@ def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_cfg=cfg.loss,
                          grad_accum=cfg.train.grad_accum, schedule=schedule,
                          trainable=cfg.train.trainable,
-                         skip_nonfinite=cfg.train.skip_nonfinite_steps)
+                         skip_nonfinite=cfg.train.skip_nonfinite_steps,
+                         tail_buckets=cfg.train.tail_buckets)
   if steps > 1:
     fn = functools.partial(jax.lax.scan, fn)
   return jax.jit(_on_mesh(fn, mesh),

@@ -1,0 +1,114 @@
+"""The loss tail on only the rows that carry loss (`train.tail_buckets`).
+
+`Decoder.tail` (the last block's MLP half, the final norm, the output projection) and the
+cross-entropy work on each position alone, so positions without loss (prompts, padding) need
+none of it. The batch's positions are taken in groups (all of them on one device; on a mesh,
+the rows of each batch shard, so nothing moves between devices). In each group the positions
+with loss are sorted first, and the tail runs on the first `size` positions of every group,
+`size` the smallest of a few static sizes (`bucket_sizes`) that holds the fullest group; a
+`lax.switch` picks it.
+
+Autodiff through a switch would make every branch write (zero) residuals for every other
+branch. So the tail's gradient is taken inside the branch, in the forward pass: the loss's
+cotangent with respect to each token loss is its coefficient, which the batch alone fixes
+(`loss.token_coefficients`). The backward only scales the saved gradients by the incoming
+cotangent. The per-token losses come back without a gradient (they feed metrics).
+
+Measured on the CPU benchmark (tools/bench/train_vs_reference.py, ~69% of the packed positions
+carry loss): see BENCHMARKS.md. It also never holds logits for the rows without loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ease_jax import sharding
+from ease_jax.train import loss as loss_lib
+
+
+def bucket_sizes(T: int, buckets: int) -> tuple[int, ...]:
+  """The static row counts the tail may run on: i/buckets of T (i = 1..buckets), rounded up
+  to a multiple of 8 and at most T, without repeats."""
+  return tuple(sorted({min(T, 8 * math.ceil(T * i / buckets / 8)) for i in range(1, buckets + 1)}))
+
+
+def _take_rows(a_BxT, index_BxT):
+  """a[b, index[b, t], ...] for [B, T, ...] arrays."""
+  index = index_BxT.reshape(index_BxT.shape + (1,) * (a_BxT.ndim - 2))
+  return jnp.take_along_axis(a_BxT, index, axis=1)
+
+
+def _pad_rows(a_BxS, T: int):
+  return jnp.pad(a_BxS, [(0, 0), (0, T - a_BxS.shape[1])] + [(0, 0)] * (a_BxS.ndim - 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tail(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT, targets_BxT):
+  return _tail_fwd(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
+                   targets_BxT)[0]
+
+
+def _tail_fwd(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT, targets_BxT):
+  T = x_BxTxD.shape[1]
+  order_BxT = jnp.argsort(~need_BxT, axis=1, stable=True)  # positions with loss first
+  inverse_BxT = jnp.argsort(order_BxT, axis=1)
+  xs, cs, ts = (_take_rows(a, order_BxT) for a in (x_BxTxD, coef_BxT, targets_BxT))
+
+  def branch(size: int):
+    def run(tail_params, rest_params, xs, cs, ts):
+      def share(tail_params, x_BxSxD):
+        # Rows of 8 positions: XLA:CPU reduced [1, S, D] over S (the norm weights' gradient)
+        # ~25x slower than [S/8, 8, D] over both.
+        x = x_BxSxD.reshape(-1, 8, x_BxSxD.shape[-1]) if size % 8 == 0 else x_BxSxD
+        logits = nnx.merge(graph, tail_params, rest_params).tail(x)
+        losses_BxS = loss_lib.token_losses(logits, ts[:, :size].reshape(x.shape[:2])).reshape(-1, size)
+        return (cs[:, :size] * losses_BxS).sum(), losses_BxS
+
+      (value, losses_BxS), (d_tail, d_xs) = jax.value_and_grad(
+          share, argnums=(0, 1), has_aux=True)(tail_params, xs[:, :size])
+      return value, _pad_rows(losses_BxS, T), d_tail, _pad_rows(d_xs, T)
+
+    return run
+
+  index = jnp.searchsorted(jnp.asarray(sizes), need_BxT.sum(axis=1).max())  # first size >= it
+  value, losses, d_tail, d_xs = jax.lax.switch(
+      index, [branch(s) for s in sizes], tail_params, rest_params, xs, cs, ts)
+  return (value, _take_rows(losses, inverse_BxT)), (d_tail, _take_rows(d_xs, inverse_BxT))
+
+
+def _tail_bwd(graph, sizes, saved, cotangents):
+  del graph, sizes
+  d_tail, d_x = saved
+  g = cotangents[0]  # the losses output is only ever seen through stop_gradient
+  scale = lambda d: (g * d).astype(d.dtype)
+  return jax.tree.map(scale, d_tail), None, scale(d_x), None, None, None
+
+
+_tail.defvjp(_tail_fwd, _tail_bwd)
+
+
+def supervised_share(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, coef_BxT: jax.Array,
+                     buckets: int) -> tuple[jax.Array, jax.Array]:
+  """(sum of coef * token loss, the token losses [B,T] without gradient, 0 where no loss),
+  running the model's tail only on the positions whose loss_weight is positive."""
+  model = nnx.merge(graphdef, params)
+  x_BxTxD = model.trunk(batch["tokens"], batch["positions"], batch["segment_ids"])
+  (B, T, D), shards = x_BxTxD.shape, sharding.batch_shards()
+  # Sorted per group of rows: all rows of a batch shard together (no data moves between
+  # devices), or every row when the batch is not split.
+  G = shards if shards > 1 and B % shards == 0 else 1
+
+  def grouped(a_BxT):
+    a = a_BxT.reshape(G, (B // G) * T, *a_BxT.shape[2:])
+    return sharding.constrain(a, ("batch", None, "embed_act")[:a.ndim])
+
+  graph, tail_params, rest_params = nnx.split(model, model.tail_filter(), nnx.Param)
+  value, losses = _tail(graph, bucket_sizes((B // G) * T, buckets), tail_params, rest_params,
+                        grouped(x_BxTxD), grouped(batch["loss_weight"] > 0), grouped(coef_BxT),
+                        grouped(batch["targets"]))
+  return value, jax.lax.stop_gradient(losses.reshape(B, T))
