@@ -55,10 +55,14 @@ def _logits(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array
   return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
-def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, tail_buckets):
-  """Sums over micro-batches of the loss numerators and of the exact full-batch gradient shares."""
+def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, mask,
+                      tail_buckets):
+  """Sums over micro-batches of the loss numerators and of the exact full-batch gradient shares.
+  Params where `mask` is False are frozen: inside the differentiated function, so their
+  gradient is zero and XLA spares their weight-gradient products."""
 
   def micro_loss(p, mb):
+    p = jax.tree.map(lambda x, m: x if m else jax.lax.stop_gradient(x), p, mask)
     # Global denominators make each micro-batch's share linear in its tokens, so the
     # summed gradient is the full-batch gradient, not a mean of micro-batch means.
     coef_BxT = loss_lib.token_coefficients(mb, totals, loss_cfg)
@@ -93,12 +97,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   before clipping), param_norm, nonfinite (1.0 when the loss or a gradient is NaN/Inf;
   with `skip_nonfinite` such a step leaves params and optimizer state unchanged).
   """
-  mask = trainable_mask(state.params, trainable)
-  # Frozen params get no gradient at all, which also spares XLA their weight gradients.
-  params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), state.params, mask)
   totals = loss_lib.weight_sums(batch, loss_cfg)
-  grads, nums = _accumulate_grads(params, batch, totals, graphdef=graphdef, loss_cfg=loss_cfg,
-                                  grad_accum=grad_accum, tail_buckets=tail_buckets)
+  grads, nums = _accumulate_grads(state.params, batch, totals, graphdef=graphdef,
+                                  loss_cfg=loss_cfg, grad_accum=grad_accum,
+                                  mask=trainable_mask(state.params, trainable),
+                                  tail_buckets=tail_buckets)
   loss, metrics = loss_lib.finalize(nums | totals, loss_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
