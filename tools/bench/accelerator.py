@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--remat", nargs="+", choices=("off", "on"), default=["off", "on"])
   ap.add_argument("--attention", nargs="+", choices=("xla", "cudnn"), default=["cudnn", "xla"],
                   help="cudnn is used only on NVIDIA GPUs")
+  ap.add_argument("--tail-buckets", type=int, default=None,
+                  help="train.tail_buckets (default: the config's); 0 = the tail on every "
+                       "position (how the H200 figures in BENCHMARKS.md were measured)")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   ap.add_argument("--budget-s", type=float, default=460.0,
@@ -98,7 +102,7 @@ def peak_memory_bytes() -> int | None:
 
 
 def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_len: int,
-            steps: int, warmup: int, profile: bool = False) -> dict:
+            steps: int, warmup: int, profile: bool = False, tail_buckets: int | None = None) -> dict:
   """One configuration, in this process: compile, warm up, time `steps` steps."""
   import jax
   from flax import nnx
@@ -109,7 +113,10 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
   cfg_m = get_preset(model).replace(compute_dtype="bfloat16", param_dtype="float32",
                                     remat=remat, attention=attention)
   ndev = jax.device_count()
-  cfg = Config(train=TrainConfig(batch_size=batch_per_device * ndev, seq_len=seq_len))
+  train = TrainConfig(batch_size=batch_per_device * ndev, seq_len=seq_len)
+  if tail_buckets is not None:
+    train = dataclasses.replace(train, tail_buckets=tail_buckets)
+  cfg = Config(train=train)
   mesh = sharding.make_mesh(cfg.mesh)
   total = warmup + steps
   tx = optim.make_optimizer(cfg.train, total)
@@ -143,6 +150,7 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
           "peak_memory_bytes": peak_memory_bytes(), "compile_s": compile_s,
           "temp_bytes_compiled": getattr(mem, "temp_size_in_bytes", None) if mem else None,
           "batch_per_device": batch_per_device, "devices": ndev, "flops_per_token": flops,
+          "tail_buckets": cfg.train.tail_buckets,
           "params": cfg_m.num_params(), "device_kind": jax.devices()[0].device_kind,
           "kernels": kernels}
 
@@ -222,7 +230,8 @@ def child(spec: dict) -> None:
   while True:
     try:
       out = measure(spec["model"], spec["remat"], spec["attention"], batch, spec["seq_len"],
-                    spec["steps"], spec["warmup"], spec.get("profile", False))
+                    spec["steps"], spec["warmup"], spec.get("profile", False),
+                    spec.get("tail_buckets"))
       break
     except Exception as e:  # noqa: BLE001 - any failure is reported, the parent continues
       if not is_oom(e) or batch == 1 or batch < spec["batch_per_device"]:
@@ -253,7 +262,8 @@ def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
            "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),
-           "steps": args.steps, "warmup": args.warmup, "profile": args.profile}
+           "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
+           "tail_buckets": args.tail_buckets}
           for a in attention for m in order for r in args.remat]
 
 

@@ -17,7 +17,9 @@ Same model shape, same records, same optimizer settings, one process, the cores 
   (c) kernel speed: the ease-jax train step on exactly the padded batches of (a). Same inputs
       and outputs; note that ease-jax's CPU attention skips key tiles that the mask hides
       entirely (later documents' queries, padding queries), while PyTorch's SDPA computes
-      every tile of a masked row, so part of (c) is less work, not faster kernels.
+      every tile of a masked row, so part of (c) is less work, not faster kernels. The same
+      holds for the loss tail (`train.tail_buckets`, on in (b) and (c)): the last MLP, LM head
+      and loss skip positions without loss, which on padded rows are many.
 The three run step by step interleaved in one process, so they see the same machine load.
 PyTorch gets as many intra-op threads as XLA:CPU uses (the cores this process may run on), with
 OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads are slow on shared cores).
