@@ -181,18 +181,22 @@ def test_grad_accumulation_equals_one_big_batch():
   assert len({float(p["loss_weight"].sum()) for p in parts}) > 1
 
 
-def test_bucket_sizes():
-  assert tail_lib.bucket_sizes(1808, 4) == (456, 904, 1360, 1808)
-  assert tail_lib.bucket_sizes(21, 8) == (8, 16, 21)  # multiples of 8, capped at T
+def test_bucket_sizes(monkeypatch):
+  assert tail_lib.bucket_sizes(1808, 4) == (456, 912, 1368, 1808)
+  assert tail_lib.bucket_sizes(1808, 8) == (232, 464, 696, 928, 1160, 1392, 1624, 1808)
+  assert tail_lib.bucket_sizes(300, 8) == (128, 256, 300)  # steps of at least MIN_BUCKET
   assert tail_lib.bucket_sizes(16, 1) == (16,)
+  monkeypatch.setattr(tail_lib, "MIN_BUCKET", 8)
+  assert tail_lib.bucket_sizes(21, 8) == (8, 16, 21)  # multiples of 8, the last one T
 
 
 @pytest.mark.parametrize("T,accum,trainable", [(16, 1, ".*"), (21, 2, ".*"),
                                                (16, 1, r"layers\.0|^embed")])
-def test_tail_on_loss_positions_equals_every_position(T, accum, trainable):
+def test_tail_on_loss_positions_equals_every_position(T, accum, trainable, monkeypatch):
   """train.tail_buckets > 0 (the tail on positions with loss only, its gradient taken in the
   forward) gives the gradients, updates and metrics of the plain path (0), whatever bucket
   a batch lands in: rows without any loss, uneven rows, micro-batches, frozen tail params."""
+  monkeypatch.setattr(tail_lib, "MIN_BUCKET", 8)  # several sizes even for these tiny rows
   batch = make_batch(4, B=8, T=T)
   batch["loss_weight"][3] = 0.0  # a row without loss
   batch["loss_weight"][5, 2:] = 1.0  # a row almost all loss
