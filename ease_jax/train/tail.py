@@ -1,4 +1,4 @@
-"""The loss tail on only the rows that carry loss (`train.tail_buckets`).
+"""The loss tail on only the positions that carry loss (`train.tail_buckets`).
 
 `Decoder.tail` (the last block's MLP half, the final norm, the output projection) and the
 cross-entropy work on each position alone, so positions without loss (prompts, padding) need
@@ -15,7 +15,8 @@ cotangent with respect to each token loss is its coefficient, which the batch al
 cotangent. The per-token losses come back without a gradient (they feed metrics).
 
 Measured on the CPU benchmark (tools/bench/train_vs_reference.py, ~69% of the packed positions
-carry loss): see BENCHMARKS.md. It also never holds logits for the rows without loss.
+carry loss): see BENCHMARKS.md. It also never holds logits for the positions the smallest
+bucket leaves out.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _tail_fwd(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_Bx
         # ~25x slower than [S/8, 8, D] over both.
         x = x_BxSxD.reshape(-1, 8, x_BxSxD.shape[-1]) if size % 8 == 0 else x_BxSxD
         logits = nnx.merge(graph, tail_params, rest_params).tail(x)
-        losses_BxS = loss_lib.token_losses(logits, ts[:, :size].reshape(x.shape[:2])).reshape(-1, size)
+        losses_BxS = loss_lib.token_losses(logits, ts[:, :size].reshape(x.shape[:2]))
+        losses_BxS = losses_BxS.reshape(-1, size)
         return (cs[:, :size] * losses_BxS).sum(), losses_BxS
 
       (value, losses_BxS), (d_tail, d_xs) = jax.value_and_grad(
@@ -100,11 +102,12 @@ _tail.defvjp(_tail_fwd, _tail_bwd)
 
 def supervised_share(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, coef_BxT: jax.Array,
                      buckets: int) -> tuple[jax.Array, jax.Array]:
-  """(sum of coef * token loss, the token losses [B,T] without gradient, 0 where no loss),
-  running the model's tail only on the positions whose loss_weight is positive."""
+  """(sum of coef * token loss, the token losses [B,T] without gradient), running the model's
+  tail only on the positions whose loss_weight is positive. A loss is only meaningful where
+  loss_weight > 0 (elsewhere it is 0 or the loss of a position that filled a bucket)."""
   model = nnx.merge(graphdef, params)
   x_BxTxD = model.trunk(batch["tokens"], batch["positions"], batch["segment_ids"])
-  (B, T, D), shards = x_BxTxD.shape, sharding.batch_shards()
+  (B, T), shards = x_BxTxD.shape[:2], sharding.batch_shards()
   # Sorted per group of rows: all rows of a batch shard together (no data moves between
   # devices), or every row when the batch is not split.
   G = shards if shards > 1 and B % shards == 0 else 1

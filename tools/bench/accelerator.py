@@ -102,7 +102,8 @@ def peak_memory_bytes() -> int | None:
 
 
 def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_len: int,
-            steps: int, warmup: int, profile: bool = False, tail_buckets: int | None = None) -> dict:
+            steps: int, warmup: int, profile: bool = False,
+            tail_buckets: int | None = None) -> dict:
   """One configuration, in this process: compile, warm up, time `steps` steps."""
   import jax
   from flax import nnx
