@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ease_jax import sharding
-from ease_jax.config import Config, LossConfig
+from ease_jax.config import Config, LossConfig, TrainConfig
 from ease_jax.errors import ConfigError
 from ease_jax.train import loss as loss_lib
 from ease_jax.train import tail as tail_lib
@@ -87,11 +87,12 @@ def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int,
                schedule: optax.Schedule, trainable: str = ".*", skip_nonfinite: bool = False,
-               tail_buckets: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               tail_buckets: int = TrainConfig.tail_buckets
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` ([B, T] fields of ease_jax.batch), in `grad_accum` micro-batches.
 
-  `tail_buckets` > 0: the model's tail runs only on the positions with loss
-  (`train.tail_buckets`, ease_jax/train/tail.py).
+  `tail_buckets` > 0 (`train.tail_buckets`, whose default it shares): the model's tail runs
+  only on the positions with loss (ease_jax/train/tail.py).
 
   Metrics: loss/* and tokens/* (see loss.finalize), lr, grad_norm (trainable params,
   before clipping), param_norm, nonfinite (1.0 when the loss or a gradient is NaN/Inf;
