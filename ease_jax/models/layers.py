@@ -134,12 +134,19 @@ def decoder_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array) -> jax.Ar
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def _keys(k_BxTxKxH, start: int, hi: int):
+  """Keys (or values) [start, hi) as [B,K,S,H], transposed inside the tile: transposed once
+  outside, XLA:CPU made the transpose a layout change and copied all T keys in every
+  `lax.switch` branch (8% of the attention's forward and backward at T=904)."""
+  return k_BxTxKxH.transpose(0, 2, 1, 3)[:, :, start:hi]
+
+
 def _tile_fwd(q, k, v, mask, *, lo: int, hi: int, start: int):
-  """Queries [lo, hi) ([B,K,t,G,H]) against keys [start, hi) of k/v [B,K,T,H] under the
+  """Queries [lo, hi) ([B,K,t,G,H]) against keys [start, hi) of k/v [B,T,K,H] under the
   [B,1,T,T] mask: (out [B,K,t,G,H], logsumexp [B,K,t,G]). The G query heads of a kv head
   are one [t*G, H] matrix, so every product is a plain batched matmul (no repeated keys)."""
   B, K, t, G, H = q.shape
-  ks, vs = k[:, :, start:hi], v[:, :, start:hi]
+  ks, vs = _keys(k, start, hi), _keys(v, start, hi)
   s = jnp.einsum("bkqh,bksh->bkqs", q.reshape(B, K, t * G, H), ks,
                  preferred_element_type=jnp.float32).reshape(B, K, t, G, -1)
   s = jnp.where(mask[:, :, lo:hi, None, start:hi], s, _NEG)
@@ -155,7 +162,7 @@ def _tile_bwd(q, k, v, mask, delta, lse, d_out, *, lo: int, hi: int, start: int)
   """Gradients of `_tile_fwd` from the saved logsumexp (`delta` = rowsum(d_out * out));
   dk, dv in float32 (summed over blocks), padded back to [B,K,hi,H]."""
   B, K, t, G, H = q.shape
-  ks, vs = k[:, :, start:hi], v[:, :, start:hi]
+  ks, vs = _keys(k, start, hi), _keys(v, start, hi)
   q_f, do_f = q.reshape(B, K, t * G, H), d_out.reshape(B, K, t * G, H)
   # Keys-major [S, t*G] tiles, so dv and dk are plain matmuls: XLA:CPU ran the
   # transposed-left form ("bkqs,bkqh->bksh") through a slow generic dot.
@@ -195,8 +202,8 @@ def _tiles(fn, mask, lo: int, hi: int, starts, block: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block_attention(q_BxKxTxGxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block):
-  return _block_attention_fwd(q_BxKxTxGxH, k_BxKxTxH, v_BxKxTxH, mask_Bx1xTxT, block)[0]
+def _block_attention(q_BxKxTxGxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, block):
+  return _block_attention_fwd(q_BxKxTxGxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, block)[0]
 
 
 def _block_attention_fwd(q, k, v, mask, block):
@@ -211,7 +218,8 @@ def _block_attention_fwd(q, k, v, mask, block):
 
 def _block_attention_bwd(block, res, d_out):
   q, k, v, mask, out, lse = res
-  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  B, T, K, H = k.shape
+  dqs, dk, dv = [], jnp.zeros((B, K, T, H), jnp.float32), jnp.zeros((B, K, T, H), jnp.float32)
   # Once for all blocks, behind a barrier: XLA:CPU otherwise fused this reduction into each
   # tile's [t*G, S] elementwise math and recomputed it per score.
   delta = jax.lax.optimization_barrier(
@@ -221,7 +229,8 @@ def _block_attention_bwd(block, res, d_out):
         q[:, :, lo:hi], k, v, mask, delta[:, :, lo:hi], lse[:, :, lo:hi], d_out[:, :, lo:hi])
     dqs.append(dq)
     dk, dv = dk.at[:, :, :hi].add(dk_i), dv.at[:, :, :hi].add(dv_i)
-  return jnp.concatenate(dqs, axis=2), dk.astype(k.dtype), dv.astype(v.dtype), None
+  dk, dv = (d.transpose(0, 2, 1, 3).astype(k.dtype) for d in (dk, dv))
+  return jnp.concatenate(dqs, axis=2), dk, dv, None
 
 
 _block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
@@ -253,8 +262,8 @@ def block_causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH
   block = block or query_block(T)
   K = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(H ** -0.5, q_BxTxNxH.dtype)).reshape(B, T, K, N // K, H)
-  out = _block_attention(q_BxTxKxGxH.transpose(0, 2, 1, 3, 4), k_BxTxKxH.transpose(0, 2, 1, 3),
-                         v_BxTxKxH.transpose(0, 2, 1, 3), mask_Bx1xTxT, block)
+  out = _block_attention(q_BxTxKxGxH.transpose(0, 2, 1, 3, 4), k_BxTxKxH, v_BxTxKxH,
+                         mask_Bx1xTxT, block)
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)  # query head n = k * G + g
 
 
