@@ -190,6 +190,16 @@ def test_bucket_sizes(monkeypatch):
   assert tail_lib.bucket_sizes(21, 8) == (8, 16, 21)  # multiples of 8, the last one T
 
 
+def test_tail_buckets_default_resolves_by_backend(monkeypatch):
+  """-1 (the default): the tail's sizes on CPU, where they were measured faster; every position
+  on GPU/TPU until measured there. An explicit value is kept."""
+  assert TrainConfig().tail_buckets == -1
+  assert tail_lib.resolve_buckets(-1) == tail_lib.CPU_BUCKETS == 8  # this suite runs on CPU
+  assert [tail_lib.resolve_buckets(n) for n in (0, 3)] == [0, 3]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert tail_lib.resolve_buckets(-1) == 0 and tail_lib.resolve_buckets(8) == 8
+
+
 @pytest.mark.parametrize("T,accum,trainable", [(16, 1, ".*"), (21, 2, ".*"),
                                                (16, 1, r"layers\.0|^embed")])
 def test_tail_on_loss_positions_equals_every_position(T, accum, trainable, monkeypatch):

@@ -91,8 +91,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` ([B, T] fields of ease_jax.batch), in `grad_accum` micro-batches.
 
-  `tail_buckets` > 0 (`train.tail_buckets`, whose default it shares): the model's tail runs
-  only on the positions with loss (ease_jax/train/tail.py).
+  `tail_buckets` > 0 (`train.tail_buckets`, whose default it shares; -1 resolves by backend):
+  the model's tail runs only on the positions with loss (ease_jax/train/tail.py).
 
   Metrics: loss/* and tokens/* (see loss.finalize), lr, grad_norm (trainable params,
   before clipping), param_norm, nonfinite (1.0 when the loss or a gradient is NaN/Inf;
@@ -102,7 +102,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   grads, nums = _accumulate_grads(state.params, batch, totals, graphdef=graphdef,
                                   loss_cfg=loss_cfg, grad_accum=grad_accum,
                                   mask=trainable_mask(state.params, trainable),
-                                  tail_buckets=tail_buckets)
+                                  tail_buckets=tail_lib.resolve_buckets(tail_buckets))
   loss, metrics = loss_lib.finalize(nums | totals, loss_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

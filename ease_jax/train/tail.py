@@ -37,6 +37,19 @@ from ease_jax.train import loss as loss_lib
 MIN_BUCKET = 128
 
 
+# `train.tail_buckets=-1` on XLA:CPU, where 8 sizes made the benchmark's packed step ~3% faster.
+# GPU and TPU get 0 (every position, no switch) until it is measured there: the H200 figures
+# in BENCHMARKS.md were taken that way, and a GPU may sync with the host at each switch.
+CPU_BUCKETS = 8
+
+
+def resolve_buckets(buckets: int) -> int:
+  """`train.tail_buckets` with -1 (the default) resolved for the current backend."""
+  if buckets >= 0:
+    return buckets
+  return CPU_BUCKETS if jax.default_backend() == "cpu" else 0
+
+
 def bucket_sizes(T: int, buckets: int) -> tuple[int, ...]:
   """The static row counts the tail may run on: multiples of a step of T/buckets (at least
   MIN_BUCKET), rounded up to a multiple of 8, the last one T."""

@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--attention", nargs="+", choices=("xla", "cudnn"), default=["cudnn", "xla"],
                   help="cudnn is used only on NVIDIA GPUs")
   ap.add_argument("--tail-buckets", type=int, default=None,
-                  help="train.tail_buckets (default: the config's); 0 = the tail on every "
-                       "position (how the H200 figures in BENCHMARKS.md were measured)")
+                  help="train.tail_buckets (default: the config's, -1 = 0 on GPU/TPU); 0 = the "
+                       "tail on every position (how the H200 figures in BENCHMARKS.md were "
+                       "measured)")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   ap.add_argument("--budget-s", type=float, default=460.0,
@@ -110,7 +111,7 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
   from ease_jax import metrics, sharding
   from ease_jax.config import Config, TrainConfig
   from ease_jax.models import Decoder, get_preset
-  from ease_jax.train import optim, step as step_lib
+  from ease_jax.train import optim, step as step_lib, tail as tail_lib
   cfg_m = get_preset(model).replace(compute_dtype="bfloat16", param_dtype="float32",
                                     remat=remat, attention=attention)
   ndev = jax.device_count()
@@ -151,7 +152,7 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
           "peak_memory_bytes": peak_memory_bytes(), "compile_s": compile_s,
           "temp_bytes_compiled": getattr(mem, "temp_size_in_bytes", None) if mem else None,
           "batch_per_device": batch_per_device, "devices": ndev, "flops_per_token": flops,
-          "tail_buckets": cfg.train.tail_buckets,
+          "tail_buckets": tail_lib.resolve_buckets(cfg.train.tail_buckets),
           "params": cfg_m.num_params(), "device_kind": jax.devices()[0].device_kind,
           "kernels": kernels}
 
