@@ -227,7 +227,7 @@ class Generator:
     self.dp = 1
     self.graphdef, state = nnx.split(model)
     if mesh is not None:
-      self.dp = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+      self.dp = sharding.data_parallel(mesh)
       state = sharding.put(state, sharding.param_shardings(mesh, state))
     if batch_size < 1 or batch_size % self.dp:
       raise UserError(f"batch_size ({batch_size}) must be a positive multiple of the mesh's "

@@ -131,12 +131,17 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   return model
 
 
+def data_parallel(mesh) -> int:
+  """How many ways `mesh` (concrete or abstract) splits the batch axis."""
+  return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
 def batch_shards() -> int:
   """How many ways the batch axis is split on the mesh in context (1 without one)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):
     return 1
-  return math.prod(mesh.shape[a] for a in RULES["batch"])
+  return data_parallel(mesh)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

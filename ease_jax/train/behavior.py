@@ -5,7 +5,6 @@ metrics.jsonl (`behavior/<class>/<metric>`), the full report to RUN_DIR/behavior
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ def make(cfg: Config, graphdef: nnx.GraphDef, params: Any, model_cfg: Any, token
   from ease_jax import generate as G
 
   items = E.read_eval_file(cfg.behavior.file)  # bad files fail before the first step
-  dp = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+  dp = sharding.data_parallel(mesh)
   batch = -(-cfg.behavior.batch_size // dp) * dp
   generator = G.Generator(nnx.merge(graphdef, params), model_cfg, tokenizer, mesh=mesh,
                           batch_size=batch)
