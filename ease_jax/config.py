@@ -48,6 +48,9 @@ class DataConfig:
   on_bad_record: Literal["error", "skip"] = "error"
   shuffle: bool = True
   worker_count: int = 0  # grain worker processes; 0 = in-process
+  # Batches a background thread renders and packs ahead of the loop (worker_count=0 only):
+  # -1 = one packing round (PACKING_BINS rows), 0 = none (the loop's thread does the work).
+  prefetch_batches: int = -1
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "checkpoint.every": _POSITIVE, "checkpoint.keep": _POSITIVE,
     "mesh.data": _POSITIVE, "mesh.tensor": _POSITIVE,
     "mesh.fsdp": (lambda v: v == -1 or v > 0, "a positive integer or -1 (all remaining devices)"),
-    "data.worker_count": _NON_NEGATIVE, "behavior.every": _NON_NEGATIVE,
+    "data.worker_count": _NON_NEGATIVE,
+    "data.prefetch_batches": (lambda v: v >= -1, "a number >= 0, or -1 (one packing round)"), "behavior.every": _NON_NEGATIVE,
     "behavior.max_new_tokens": _POSITIVE, "behavior.batch_size": _POSITIVE,
 }
 

@@ -221,7 +221,25 @@ def test_accelerator_refuses_cpu_without_smoke():
   assert proc.returncode == 2 and "--smoke" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["train_vs_reference.py", "accelerator.py"])
+def test_data_smoke():
+  res = _run("data.py", "--records", "200", "--seq-len", "512", "--batch-size", "4",
+             "--batches", "2", "--step-ms", "5", "--steps", "40")
+  (r,) = res["results"]
+  assert r["tokens_per_s"] > 0 and 0 < r["packing_efficiency"] <= 1
+  off, on = res["loop"]
+  assert (off["prefetch_batches"], on["prefetch_batches"]) == (0, 32)
+  assert all(x["wall_s"] >= x["ideal_s"] and x["device_idle_s"] >= 0 for x in res["loop"])
+
+
+def test_generate_smoke():
+  res = _run("generate.py", "--shapes", "tiny", "--batch", "2", "--new-tokens", "4",
+             "--repeats", "1")
+  (r,) = res["results"]
+  assert r["greedy_rows_identical"] == 1.0 and r["ratio"] > 0
+
+
+@pytest.mark.parametrize("script", ["train_vs_reference.py", "accelerator.py", "data.py",
+                                    "generate.py"])
 def test_help_names_the_command(script):
   proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                         text=True, timeout=120, cwd=REPO)

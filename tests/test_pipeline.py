@@ -1,6 +1,7 @@
 """The grain pipeline: packing layout, no split documents, mixing, determinism, exact resume."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -129,6 +130,35 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tok, sources):
   for want, got in zip(expected, take(resumed, 30)):
     for k in FIELDS:
       np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+
+
+def _prefetching() -> bool:
+  return any(t.name.startswith("grain-thread-prefetch") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("prefetch", [0, 3, -1])
+def test_prefetch_thread_changes_nothing_delivered(tok, sources, prefetch):
+  """The background thread (data.prefetch_batches) delivers the batches of the loop's own
+  thread, and its get_state() is the state after the last batch delivered, not rendered."""
+  plain = iter(Pipeline(DataConfig(train=sources, prefetch_batches=0), tok, SEQ, BATCH, seed=1))
+  expected = take(plain, 40)
+  pipe = Pipeline(DataConfig(train=sources, prefetch_batches=prefetch), tok, SEQ, BATCH, seed=1)
+  assert pipe.prefetch_batches() == {0: 0, 3: 3, -1: 128 // BATCH}[prefetch]
+  it = iter(pipe)
+  got = take(it, 7)
+  state = it.get_state()
+  assert _prefetching() == (prefetch != 0)
+  it.close()
+  assert not _prefetching()  # close() stops the thread
+  resumed = iter(Pipeline(DataConfig(train=sources, prefetch_batches=prefetch), tok, SEQ, BATCH,
+                          seed=1))
+  resumed.set_state(state)
+  got += take(resumed, 33)  # crosses into the next packing round
+  resumed.close()
+  for want, have in zip(expected, got):
+    for k in FIELDS:
+      np.testing.assert_array_equal(want[k], have[k], err_msg=k)
+  assert pipe.stats.batches == 7  # counted when delivered
 
 
 def test_finite_epochs_end_and_fill_the_last_batch(tok, sources):

@@ -2,7 +2,8 @@
 
     records of source i -> [shard_index::shard_count] -> shuffle(seed_i) -> repeat
       -> MapDataset.mix(weights) -> [: num_epochs * records] -> map(render)
-      -> to_iter_dataset -> FirstFitPackIterDataset(seq_len) -> batch -> map(account)
+      -> to_iter_dataset -> FirstFitPackIterDataset(seq_len) -> batch
+      -> [a background thread a packing round ahead, or worker processes] -> map(account)
 
 Train: each process takes every `shard_count`-th record of every source, reshuffles each
 epoch, and mixes sources by weight forever (`num_epochs=None`) or for `num_epochs` times as
@@ -13,9 +14,10 @@ Every batch holds exactly `ease_jax.batch.FIELDS` as numpy arrays of shape [batc
 seq_len]. `iter(pipeline)` is a grain `DatasetIterator`: `get_state()` / `set_state()` resume
 exactly (`grain.checkpoint.CheckpointHandler` saves it). `Pipeline.stats` counts what the
 consumer received (examples per objective and source, tokens, packing efficiency) and what
-was left out (bad records, overlong examples); counts restart on a restored iterator, and with
-`data.worker_count > 0` the render-time counts (dropped, skipped while rendering) stay in the
-worker processes.
+was left out (bad records, overlong examples); counts restart on a restored iterator. The
+render-time counts (dropped, skipped while rendering) run ahead of what was delivered by up to
+`data.prefetch_batches`, and with `data.worker_count > 0` they stay in the worker processes.
+Close the iterator (`close()`) when done with it early: that stops the background thread.
 """
 
 from __future__ import annotations
@@ -169,7 +171,18 @@ class Pipeline:
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
+    elif (ahead := self.prefetch_batches()) > 0:
+      it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=ahead)
     return it.map(self._account)
+
+  def prefetch_batches(self) -> int:
+    """Batches the background thread keeps ready (`data.prefetch_batches`; -1 = a packing
+    round). The packer emits rows in rounds: it reads and renders records until one fits in
+    none of its bins, then hands out all of them, so a consumer that renders in its own
+    thread stalls for a whole round every PACKING_BINS rows (`tools/bench/data.py
+    --step-ms`)."""
+    n = self.cfg.prefetch_batches
+    return math.ceil(max(PACKING_BINS, self.batch_size) / self.batch_size) if n == -1 else n
 
   def _render(self, rec: Record) -> dict[str, Any] | None:
     """Grain map transform: a pre-shifted document, or None when it is dropped or skipped."""

@@ -333,6 +333,7 @@ def train(cfg: Config, stop_at: int | None = None, fresh: bool = False) -> Train
     finally:
       run.ckpt.close()
       logger.close()
+      run.data_iter.close()  # stops the pipeline's prefetch thread
     stopped = signals.received if last < min(run.total_steps, stop_at or run.total_steps) else None
   return TrainResult(run.run_dir, max(last, run.start_step), run.total_steps, logger.last,
                      logger.skipped, jax.process_index() == 0, stopped)

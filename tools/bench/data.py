@@ -8,6 +8,13 @@ renders them with the bundled demo tokenizer's ChatML template. Prints a table a
 last line, one JSON object. Feeding need: a TPU v5e chip (197 TFLOP/s bf16 peak) at 50% MFU
 training Qwen2.5-0.5B (N ~ 0.5e9, 6N FLOPs per token) consumes
 0.5 * 197e12 / (6 * 0.5e9) ~ 32.8k tokens/s.
+
+Then the stalls of a training loop fed by the pipeline (`--step-ms`, 0 skips it): the loop
+dispatches a device step, fetches the next batch while it runs, and waits for the previous
+step's metrics; a simulated device (a GIL-free wait of step-ms per step) stands in for the
+accelerator. The packer hands out rows in rounds of PACKING_BINS, rendering a whole round
+first, so without a background thread (`data.prefetch_batches=0`) the device idles while the
+loop's own thread renders the next round. Both settings run side by side.
 """
 
 from __future__ import annotations
@@ -72,11 +79,37 @@ def run(sources, tok, seq_len: int, batch_size: int, batches: int) -> dict:
   for _ in range(batches):
     next(it)
   secs = time.perf_counter() - start
+  it.close()
   st = pipe.stats.as_dict()
   examples = sum(st["examples_by_objective"].values())
   return {"seq_len": seq_len, "bins": bins, "examples_per_s": examples / secs,
           "tokens_per_s": st["tokens"] / secs, "packing_efficiency": pipe.stats.packing_efficiency,
           "dropped_overlong": st["dropped_overlong"], "batches": batches}
+
+
+def stalls(sources, tok, seq_len: int, batch_size: int, step_s: float, steps: int,
+           prefetch: int) -> dict:
+  """The loop's pattern against a simulated device: returns the wall time over `steps`
+  steps after the first batch, against steps * step_s, and the device's idle time."""
+  pipe = pl.Pipeline(DataConfig(train=sources, prefetch_batches=prefetch), tok, seq_len,
+                     batch_size, seed=0)
+  it = iter(pipe)
+  next(it)  # the first round: the same wait with or without the thread
+  start = free = finish_prev = time.perf_counter()
+  idle = longest = 0.0
+  for _ in range(steps):
+    next(it)                                   # fetch while the device runs the last step
+    now = time.perf_counter()
+    begin = max(now, free)                     # the device starts once it has the batch
+    idle, longest = idle + begin - free, max(longest, begin - free)
+    finish_prev, free = free, begin + step_s
+    time.sleep(max(0.0, finish_prev - time.perf_counter()))  # the previous step's metrics
+  time.sleep(max(0.0, free - time.perf_counter()))
+  wall = time.perf_counter() - start
+  it.close()
+  return {"prefetch_batches": pipe.prefetch_batches(), "step_ms": 1000 * step_s,
+          "steps": steps, "wall_s": wall, "ideal_s": steps * step_s, "device_idle_s": idle,
+          "longest_idle_s": longest}
 
 
 def main() -> None:
@@ -86,6 +119,10 @@ def main() -> None:
   ap.add_argument("--records", type=int, default=3000)
   ap.add_argument("--batches", type=int, default=60)
   ap.add_argument("--bins", type=int, nargs="*", default=[pl.PACKING_BINS])
+  ap.add_argument("--step-ms", type=float, default=500,
+                  help="simulated device step for the stall comparison (0 = skip it)")
+  ap.add_argument("--steps", type=int, default=0,
+                  help="steps of the stall comparison (default: two packing rounds)")
   args = ap.parse_args()
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
@@ -97,6 +134,10 @@ def main() -> None:
     for bins in args.bins:
       pl.PACKING_BINS = bins
       results.append(run(sources, tok, args.seq_len, args.batch_size, args.batches))
+    pl.PACKING_BINS = args.bins[0]
+    steps = args.steps or math.ceil(2 * max(pl.PACKING_BINS, args.batch_size) / args.batch_size)
+    loop = [stalls(sources, tok, args.seq_len, args.batch_size, args.step_ms / 1000, steps, n)
+            for n in (0, -1)] if args.step_ms > 0 else []
   print(f"{'seq_len':>8} {'bins':>5} {'examples/s':>11} {'tokens/s':>10} {'packing':>8} "
         f"{'dropped':>8}")
   for r in results:
@@ -108,8 +149,15 @@ def main() -> None:
         f"{NEED_TOKENS_PER_S:,.0f} tokens/s (0.5 * 197e12 / (6 * 0.5e9)); measured "
         f"{best['tokens_per_s']:,.0f} tokens/s on one core "
         f"({best['tokens_per_s'] / NEED_TOKENS_PER_S:.1f}x)")
+  if loop:
+    print(f"\na training loop on a simulated device ({args.step_ms:.0f} ms per step, "
+          f"{loop[0]['steps']} steps after the first batch):")
+    print(f"{'prefetch':>9} {'wall s':>7} {'ideal s':>8} {'device idle s':>14} {'longest':>8}")
+    for r in loop:
+      print(f"{r['prefetch_batches']:>9} {r['wall_s']:>7.2f} {r['ideal_s']:>8.2f} "
+            f"{r['device_idle_s']:>14.2f} {r['longest_idle_s']:>8.2f}")
   print(json.dumps({"bench": "data", "results": results, "need_tokens_per_s": NEED_TOKENS_PER_S,
-                    "records": args.records, "batch_size": args.batch_size}))
+                    "records": args.records, "batch_size": args.batch_size, "loop": loop}))
 
 
 if __name__ == "__main__":
