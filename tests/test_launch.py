@@ -99,6 +99,10 @@ class _Zip:
   def get_state(self):
     return [it.get_state() for it in self.its]
 
+  def close(self):
+    for it in self.its:
+      it.close()
+
 
 def test_two_processes_match_one(tmp_path, monkeypatch):
   port = _free_port()

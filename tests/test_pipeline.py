@@ -1,7 +1,10 @@
 """The grain pipeline: packing layout, no split documents, mixing, determinism, exact resume."""
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +162,33 @@ def test_prefetch_thread_changes_nothing_delivered(tok, sources, prefetch):
     for k in FIELDS:
       np.testing.assert_array_equal(want[k], have[k], err_msg=k)
   assert pipe.stats.batches == 7  # counted when delivered
+
+
+def test_an_iterator_left_open_exits_cleanly(tmp_path):
+  """A script that keeps a half-read iterator (its prefetch thread busy) until exit ends with
+  status 0 and nothing on stderr: grain's own cleanup fails during interpreter teardown, and a
+  thread still running then aborted the process."""
+  write_sources(tmp_path)
+  script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import tiny_tokenizers as tt
+from ease_jax.config import DataConfig, SourceConfig
+from ease_jax.data.pipeline import Pipeline
+src = SourceConfig(adapter="star", path={str(tmp_path / "star.jsonl")!r})
+it = iter(Pipeline(DataConfig(train=(src,), prefetch_batches=2), tt.chatml_tokenizer(), {SEQ},
+                   {BATCH}, seed=0))
+print(next(it)["tokens"].shape)
+"""
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == f"({BATCH}, {SEQ})", proc.stderr
+  assert "Exception ignored" not in proc.stderr and "terminate" not in proc.stderr, proc.stderr
+  closed = iter(Pipeline(DataConfig(train=write_sources(tmp_path)), tt.chatml_tokenizer(), SEQ,
+                         BATCH, seed=0))
+  closed.close()
+  with pytest.raises(ValueError, match="closed"):
+    next(closed)
 
 
 def test_finite_epochs_end_and_fill_the_last_batch(tok, sources):

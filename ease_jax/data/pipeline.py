@@ -11,19 +11,20 @@ many examples as its shard holds. Eval: the sources in order, no shuffle, finite
 unless `num_epochs` says more); the last batch is filled up with padding rows.
 
 Every batch holds exactly `ease_jax.batch.FIELDS` as numpy arrays of shape [batch_size,
-seq_len]. `iter(pipeline)` is a grain `DatasetIterator`: `get_state()` / `set_state()` resume
+seq_len]. `iter(pipeline)` wraps a grain `DatasetIterator`: `get_state()` / `set_state()` resume
 exactly (`grain.checkpoint.CheckpointHandler` saves it). `Pipeline.stats` counts what the
 consumer received (examples per objective and source, tokens, packing efficiency) and what
 was left out (bad records, overlong examples); counts restart on a restored iterator. The
 render-time counts (dropped, skipped while rendering) run ahead of what was delivered by up to
 `data.prefetch_batches`, and with `data.worker_count > 0` they stay in the worker processes.
-Close the iterator (`close()`) when done with it early: that stops the background thread.
+`close()` (or dropping the iterator) stops the background thread.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,45 @@ class Stats:
             "batches": self.batches, "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
             "packing_efficiency": round(self.packing_efficiency, 4)}
+
+
+class BatchIterator:
+  """The pipeline's grain iterator: next(), get_state(), set_state() and close().
+
+  Closed when it is garbage-collected, by close(), or at interpreter exit, whichever comes
+  first: a prefetch thread still running at exit aborted the process ("terminate called
+  without an active exception"), and grain's own cleanup fails once modules are torn down."""
+
+  def __init__(self, it: grain.DatasetIterator):
+    self._box = [it]
+    self._finalizer = weakref.finalize(self, _close, self._box)
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def _it(self) -> grain.DatasetIterator:
+    if self._box[0] is None:
+      raise ValueError("the pipeline's iterator is closed")
+    return self._box[0]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it())
+
+  def get_state(self) -> dict[str, Any]:
+    return self._it().get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it().set_state(state)
+
+  def close(self) -> None:
+    """Stops the prefetch thread (or worker processes) and releases the iterator."""
+    self._finalizer()
+
+
+def _close(box: list) -> None:
+  it, box[0] = box[0], None
+  if it is not None:
+    it.close()
 
 
 def _seed(*parts: int) -> int:
@@ -237,8 +277,8 @@ class Pipeline:
     st.slots += seg.size
     return {k: batch[k] for k in FIELDS}
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return iter(self.dataset)
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(iter(self.dataset))
 
   def num_batches_per_epoch(self, sample: int = 256) -> int:
     """An estimate: render up to `sample` records spread over this shard, pack their lengths
