@@ -172,8 +172,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "checkpoint.every": _POSITIVE, "checkpoint.keep": _POSITIVE,
     "mesh.data": _POSITIVE, "mesh.tensor": _POSITIVE,
     "mesh.fsdp": (lambda v: v == -1 or v > 0, "a positive integer or -1 (all remaining devices)"),
-    "data.worker_count": _NON_NEGATIVE,
-    "data.prefetch_batches": (lambda v: v >= -1, "a number >= 0, or -1 (one packing round)"), "behavior.every": _NON_NEGATIVE,
+    "data.worker_count": _NON_NEGATIVE, "behavior.every": _NON_NEGATIVE,
+    "data.prefetch_batches": (lambda v: v >= -1, "a number >= 0, or -1 (one packing round)"),
     "behavior.max_new_tokens": _POSITIVE, "behavior.batch_size": _POSITIVE,
 }
 

@@ -89,21 +89,21 @@ def run(sources, tok, seq_len: int, batch_size: int, batches: int) -> dict:
 
 def stalls(sources, tok, seq_len: int, batch_size: int, step_s: float, steps: int,
            prefetch: int) -> dict:
-  """The loop's pattern against a simulated device: returns the wall time over `steps`
-  steps after the first batch, against steps * step_s, and the device's idle time."""
+  """The loop's pattern against a simulated device: the wall time of `steps` steps from the
+  first batch on, against steps * step_s, and the device's idle time."""
   pipe = pl.Pipeline(DataConfig(train=sources, prefetch_batches=prefetch), tok, seq_len,
                      batch_size, seed=0)
   it = iter(pipe)
-  next(it)  # the first round: the same wait with or without the thread
-  start = free = finish_prev = time.perf_counter()
+  next(it)  # the first batch waits for the first round with or without the thread
+  start = time.perf_counter()
+  free = start + step_s  # the device runs the first batch's step
   idle = longest = 0.0
-  for _ in range(steps):
-    next(it)                                   # fetch while the device runs the last step
-    now = time.perf_counter()
-    begin = max(now, free)                     # the device starts once it has the batch
+  for _ in range(steps - 1):
+    next(it)                                   # fetched while the device runs the last step
+    begin = max(time.perf_counter(), free)     # the device starts once it has the batch
     idle, longest = idle + begin - free, max(longest, begin - free)
-    finish_prev, free = free, begin + step_s
-    time.sleep(max(0.0, finish_prev - time.perf_counter()))  # the previous step's metrics
+    prev, free = free, begin + step_s
+    time.sleep(max(0.0, prev - time.perf_counter()))  # the previous step's metrics
   time.sleep(max(0.0, free - time.perf_counter()))
   wall = time.perf_counter() - start
   it.close()
@@ -122,7 +122,7 @@ def main() -> None:
   ap.add_argument("--step-ms", type=float, default=500,
                   help="simulated device step for the stall comparison (0 = skip it)")
   ap.add_argument("--steps", type=int, default=0,
-                  help="steps of the stall comparison (default: two packing rounds)")
+                  help="steps of the stall comparison (default: four packing rounds)")
   args = ap.parse_args()
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
@@ -135,7 +135,7 @@ def main() -> None:
       pl.PACKING_BINS = bins
       results.append(run(sources, tok, args.seq_len, args.batch_size, args.batches))
     pl.PACKING_BINS = args.bins[0]
-    steps = args.steps or math.ceil(2 * max(pl.PACKING_BINS, args.batch_size) / args.batch_size)
+    steps = args.steps or math.ceil(4 * max(pl.PACKING_BINS, args.batch_size) / args.batch_size)
     loop = [stalls(sources, tok, args.seq_len, args.batch_size, args.step_ms / 1000, steps, n)
             for n in (0, -1)] if args.step_ms > 0 else []
   print(f"{'seq_len':>8} {'bins':>5} {'examples/s':>11} {'tokens/s':>10} {'packing':>8} "
@@ -151,7 +151,7 @@ def main() -> None:
         f"({best['tokens_per_s'] / NEED_TOKENS_PER_S:.1f}x)")
   if loop:
     print(f"\na training loop on a simulated device ({args.step_ms:.0f} ms per step, "
-          f"{loop[0]['steps']} steps after the first batch):")
+          f"{loop[0]['steps']} steps from the first batch on):")
     print(f"{'prefetch':>9} {'wall s':>7} {'ideal s':>8} {'device idle s':>14} {'longest':>8}")
     for r in loop:
       print(f"{r['prefetch_batches']:>9} {r['wall_s']:>7.2f} {r['ideal_s']:>8.2f} "
