@@ -96,6 +96,9 @@ def test_eval_pass_covers_every_record_once_and_is_deterministic(tok, sources):
   assert sum(check_layout(b, eot) for b in runs[0]) == 100  # no document split or lost
   est = Pipeline(cfg, tok, SEQ, BATCH, seed=0, split="eval").num_batches_per_epoch()
   assert abs(est - len(runs[0])) <= max(2, 0.25 * len(runs[0])), (est, len(runs[0]))
+  it = iter(Pipeline(cfg, tok, SEQ, BATCH, seed=0, split="eval"))
+  assert len(list(it)) == len(runs[0])
+  assert next(it, None) is None and next(it, None) is None  # multi-host eval asks again
 
 
 def test_shards_are_disjoint_and_complete(tok, sources):

@@ -12,12 +12,13 @@ unless `num_epochs` says more); the last batch is filled up with padding rows.
 
 Every batch holds exactly `ease_jax.batch.FIELDS` as numpy arrays of shape [batch_size,
 seq_len]. `iter(pipeline)` wraps a grain `DatasetIterator`: `get_state()` / `set_state()` resume
-exactly (`grain.checkpoint.CheckpointHandler` saves it). `Pipeline.stats` counts what the
-consumer received (examples per objective and source, tokens, packing efficiency) and what
-was left out (bad records, overlong examples); counts restart on a restored iterator. The
-render-time counts (dropped, skipped while rendering) run ahead of what was delivered by up to
-`data.prefetch_batches`, and with `data.worker_count > 0` they stay in the worker processes.
-`close()` (or dropping the iterator) stops the background thread.
+exactly (`ease_jax.checkpoint` saves the state through grain's checkpoint handler).
+`Pipeline.stats` counts what the consumer received (examples per objective and source, tokens,
+packing efficiency) and what was left out (bad records, overlong examples); counts restart on a
+restored iterator. The render-time counts (dropped, skipped while rendering) run ahead of what
+was delivered: by up to a packing round, about two with the prefetch thread; with
+`data.worker_count > 0` they stay in the worker processes. `close()` (or dropping the
+iterator) stops the background thread.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class BatchIterator:
 
   Closed when it is garbage-collected, by close(), or at interpreter exit, whichever comes
   first: a prefetch thread still running at exit aborted the process ("terminate called
-  without an active exception"), and grain's own cleanup fails once modules are torn down."""
+  without an active exception"), and grain's own cleanup fails once modules are torn down.
+  Closing (like set_state) waits for the thread's current batch, which may mean rendering a
+  whole packing round: ~1 s at seq_len 4096 and batch 8 on one core."""
 
   def __init__(self, it: grain.DatasetIterator):
     self._box = [it]
