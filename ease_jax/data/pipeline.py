@@ -145,6 +145,7 @@ class Pipeline:
     if split not in ("train", "eval"):
       raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     self.cfg, self.split, self.seq_len, self.batch_size = data_cfg, split, seq_len, batch_size
+    self.bins = max(PACKING_BINS, batch_size)  # rows the packer fills and hands out per round
     self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
     self.num_epochs = num_epochs if split == "train" else (num_epochs or 1)
     self.sources = data_cfg.train if split == "train" else data_cfg.eval
@@ -204,7 +205,7 @@ class Pipeline:
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     length = {k: self.seq_len for k in _PACKED}
     it = FirstFitPackIterDataset(
-        it, length_struct=length, num_packing_bins=max(PACKING_BINS, self.batch_size),
+        it, length_struct=length, num_packing_bins=self.bins,
         seed=_seed(self.seed, 1 << 20), shuffle_bins=self.split == "train",
         meta_features=(*_PACKED[1:], "source"),
         padding_struct={**{k: 0 for k in _PACKED}, "span": ANSWER})
@@ -225,7 +226,7 @@ class Pipeline:
     thread stalls for a whole round every PACKING_BINS rows (`tools/bench/data.py
     --step-ms`)."""
     n = self.cfg.prefetch_batches
-    return math.ceil(max(PACKING_BINS, self.batch_size) / self.batch_size) if n == -1 else n
+    return math.ceil(self.bins / self.batch_size) if n == -1 else n
 
   def _render(self, rec: Record) -> dict[str, Any] | None:
     """Grain map transform: a pre-shifted document, or None when it is dropped or skipped."""

@@ -72,8 +72,7 @@ def run(sources, tok, seq_len: int, batch_size: int, batches: int) -> dict:
   """Times the full pipeline (render, pack, batch) from the first batch over at least four
   packing rounds; work on rows not yet delivered counts in the time, so this errs low."""
   pipe = pl.Pipeline(DataConfig(train=sources), tok, seq_len, batch_size, seed=0)
-  bins = max(pl.PACKING_BINS, batch_size)
-  batches = max(batches, math.ceil(4 * bins / batch_size))
+  batches = max(batches, math.ceil(4 * pipe.bins / batch_size))
   start = time.perf_counter()
   it = iter(pipe)
   for _ in range(batches):
@@ -82,17 +81,18 @@ def run(sources, tok, seq_len: int, batch_size: int, batches: int) -> dict:
   it.close()
   st = pipe.stats.as_dict()
   examples = sum(st["examples_by_objective"].values())
-  return {"seq_len": seq_len, "bins": bins, "examples_per_s": examples / secs,
+  return {"seq_len": seq_len, "bins": pipe.bins, "examples_per_s": examples / secs,
           "tokens_per_s": st["tokens"] / secs, "packing_efficiency": pipe.stats.packing_efficiency,
           "dropped_overlong": st["dropped_overlong"], "batches": batches}
 
 
 def stalls(sources, tok, seq_len: int, batch_size: int, step_s: float, steps: int,
            prefetch: int) -> dict:
-  """The loop's pattern against a simulated device: the wall time of `steps` steps from the
-  first batch on, against steps * step_s, and the device's idle time."""
+  """The loop's pattern against a simulated device: the wall time of `steps` steps (0 = four
+  packing rounds) from the first batch on, against steps * step_s, and the device's idle time."""
   pipe = pl.Pipeline(DataConfig(train=sources, prefetch_batches=prefetch), tok, seq_len,
                      batch_size, seed=0)
+  steps = steps or math.ceil(4 * pipe.bins / batch_size)
   it = iter(pipe)
   next(it)  # the first batch waits for the first round with or without the thread
   start = time.perf_counter()
@@ -135,9 +135,8 @@ def main() -> None:
       pl.PACKING_BINS = bins
       results.append(run(sources, tok, args.seq_len, args.batch_size, args.batches))
     pl.PACKING_BINS = args.bins[0]
-    steps = args.steps or math.ceil(4 * max(pl.PACKING_BINS, args.batch_size) / args.batch_size)
-    loop = [stalls(sources, tok, args.seq_len, args.batch_size, args.step_ms / 1000, steps, n)
-            for n in (0, -1)] if args.step_ms > 0 else []
+    loop = [stalls(sources, tok, args.seq_len, args.batch_size, args.step_ms / 1000, args.steps,
+                   n) for n in (0, -1)] if args.step_ms > 0 else []
   print(f"{'seq_len':>8} {'bins':>5} {'examples/s':>11} {'tokens/s':>10} {'packing':>8} "
         f"{'dropped':>8}")
   for r in results:
