@@ -60,8 +60,9 @@ class ModelConfig:
   param_dtype: DType = "float32"
   compute_dtype: DType = "float32"
   # cudnn: NVIDIA GPUs (cuDNN flash attention; 1.7x the step rate of xla on an H200,
-  # BENCHMARKS.md); xla: TPUs and CPUs (blockwise on CPU).
-  attention: Literal["xla", "cudnn"] = "xla"
+  # BENCHMARKS.md); splash: TPUs (Pallas splash kernel on segment ids, O(T) memory; its
+  # speed is unmeasured); xla: TPUs and CPUs (blockwise on CPU).
+  attention: Literal["xla", "cudnn", "splash"] = "xla"
   remat: bool = False
 
 

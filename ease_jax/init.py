@@ -68,6 +68,11 @@ def _numerics(cfg: Config) -> dict:
     raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs, and this run has "
                       f"{device.platform} devices ({device.device_kind}); use "
                       "model.attention=xla")
+  if m.attention == "splash" and device.platform != "tpu":
+    raise ConfigError(f"model.attention=splash needs TPUs (a Pallas TPU kernel), and this run "
+                      f"has {device.platform} devices ({device.device_kind}); use "
+                      "model.attention=xla" + (" or cudnn" if sharding.is_cuda(
+                          device.platform, device.client.platform_version) else ""))
   return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
               remat=m.remat)
 

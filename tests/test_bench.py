@@ -244,3 +244,14 @@ def test_help_names_the_command(script):
   proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                         text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 0 and f"tools/bench/{script}" in proc.stdout
+
+
+@pytest.mark.parametrize("platform,version,want", [
+    ("gpu", "cuda 13000", ["cudnn", "xla"]), ("tpu", "PJRT C API", ["splash", "xla"]),
+    ("gpu", "rocm 60000", ["xla"])])
+def test_accelerator_runs_each_attention_where_it_applies(platform, version, want):
+  """cudnn only on NVIDIA GPUs, splash only on TPUs, in the default order (the device's own
+  kernel first)."""
+  device = {"platform": platform, "platform_version": version}
+  specs = accelerator.configs(accelerator.parse_args([]), device)
+  assert list(dict.fromkeys(s["attention"] for s in specs)) == want

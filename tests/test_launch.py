@@ -35,6 +35,7 @@ def run(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
     ("train.batch_size=-4", "train.batch_size"),
     ("model.init_from=scratch:huge", "unknown model preset"),
     ("model.attention=cudnn", "model.attention=cudnn needs NVIDIA GPUs"),
+    ("model.attention=splash", "model.attention=splash needs TPUs"),
 ])
 def test_bad_override_exits_2_with_one_line_error(override, words, tmp_path):
   proc = run([*TRAIN, override, f"run_dir={tmp_path}"])

@@ -179,19 +179,36 @@ def test_long_packed_documents_equal_separate_runs():
   assert np.all(np.isfinite(np.asarray(out)))
 
 
-def test_library_attention_path_equals_cpu_path(monkeypatch):
-  """The GPU/TPU path (one dense-masked `dot_product_attention` told the mask is causal, so
-  cudnn can skip the upper triangle) gives the CPU blockwise path's logits and gradients."""
-  model = Decoder(CFG, rngs=nnx.Rngs(3))
+@pytest.fixture(scope="module")
+def cpu_path_loss_and_grads():
+  """Loss and gradients of the CPU blockwise path on `_aligned_rows` (T=300)."""
+  return _aligned_loss_and_grads(CFG)
+
+
+def _aligned_loss_and_grads(cfg):
+  model = Decoder(cfg, rngs=nnx.Rngs(3))
   tokens = _tokens((2, 300), seed=6)
   segments, positions = _aligned_rows()
 
   def loss(m):
     return jnp.mean(m(tokens, positions=positions, segment_ids=segments) ** 2)
 
-  want, want_g = nnx.value_and_grad(loss)(model)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  got, got_g = nnx.value_and_grad(loss)(model)
+  return nnx.value_and_grad(loss)(model)
+
+
+@pytest.mark.parametrize("path", ["library", "splash"])
+def test_accelerator_attention_paths_equal_cpu_path(path, cpu_path_loss_and_grads, monkeypatch):
+  """The GPU/TPU paths give the CPU blockwise path's logits and gradients on packed rows with
+  padding: `library`, one dense-masked `dot_product_attention` told the mask is causal (so
+  cudnn can skip the upper triangle); `splash`, the TPU splash kernel on segment ids (Pallas
+  interpret mode here; T=300 padded to its block)."""
+  want, want_g = cpu_path_loss_and_grads
+  cfg = CFG
+  if path == "library":
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  else:
+    cfg = CFG.replace(attention="splash")
+  got, got_g = _aligned_loss_and_grads(cfg)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for x, y in zip(jax.tree.leaves(nnx.state(got_g)), jax.tree.leaves(nnx.state(want_g))):
     np.testing.assert_allclose(x, y, atol=1e-6)

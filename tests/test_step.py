@@ -24,8 +24,9 @@ from ease_jax.train import tail as tail_lib
 VOCAB = 512
 
 
-def tiny_model(seed: int = 0) -> Decoder:
-  return Decoder(get_preset("tiny").replace(vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+def tiny_model(seed: int = 0, attention: str = "xla") -> Decoder:
+  return Decoder(get_preset("tiny").replace(vocab_size=VOCAB, attention=attention),
+                 rngs=nnx.Rngs(seed))
 
 
 def make_batch(seed: int, B: int = 8, T: int = 16) -> dict:
@@ -233,14 +234,14 @@ def test_tail_on_loss_positions_equals_every_position(T, accum, trainable, monke
 
 
 def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False,
-                   per_call: int = 1) -> dict:
+                   per_call: int = 1, attention: str = "xla") -> dict:
   """Per step (loss/total, grad_norm, param_norm) of the compiled step on a mesh; trace count.
   `per_call` > 1: that many steps per call (train.steps_per_call), batches stacked."""
   cfg = replace(Config(), train=train_cfg(grad_accum=2))
   devices = jax.devices()[:np.prod([max(v, 1) for v in vars(mesh_cfg).values()])]
   mesh = sharding.make_mesh(mesh_cfg, devices=devices)
   tx = optim.make_optimizer(cfg.train, 10)
-  graphdef, state = step_lib.init_state(tiny_model(), tx, 0)
+  graphdef, state = step_lib.init_state(tiny_model(attention=attention), tx, 0)
   state = sharding.put(state, step_lib.state_shardings(mesh, state))
   with mock.patch.object(step_lib, "train_step", wraps=step_lib.train_step) as traced:
     train = step_lib.compile_train_step(graphdef, tx, cfg, mesh, state,
@@ -293,3 +294,24 @@ def test_sharded_equals_unsharded(one_device_run, fake_devices):
   for name, values in got.items():
     np.testing.assert_allclose(np.array(values), want, rtol=2e-5, err_msg=name)
   assert len(set(want[:, 2])) == len(want)  # every step moves the parameters
+
+
+SPLASH = """
+import json, sys
+sys.path.insert(0, "tests")
+from test_step import sharded_losses
+from ease_jax.config import MeshConfig
+meshes = {"one_device": dict(fsdp=1), "fsdp4_tensor2": dict(fsdp=4, tensor=2),
+          "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="splash")["metrics"]
+                  for name, m in meshes.items()}))
+"""
+
+
+def test_splash_attention_step_equals_xla_step(one_device_run, fake_devices):
+  """`model.attention=splash` (the TPU kernel, here in Pallas' interpret mode): the train step
+  on one device and in `shard_map` on meshes that split rows and heads = the xla step."""
+  want = np.array(one_device_run["metrics"][:2])
+  got = json.loads(fake_devices(SPLASH).strip().splitlines()[-1])
+  for name, values in got.items():
+    np.testing.assert_allclose(np.array(values), want, rtol=2e-5, err_msg=name)

@@ -324,17 +324,21 @@ class Attention(nnx.Module):
     w_NHxD = self.o_proj[...].astype(out_BxTxNxH.dtype).reshape(N * H, -1)
     return linear(out_BxTxNxH.reshape(B, T, N * H), w_NHxD, narrow_transpose=False)
 
-  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
-    """Full-sequence attention; `mask_Bx1xTxT` must be lower-triangular (`decoder_mask`)."""
+  def __call__(self, x_BxTxD, rope, mask):
+    """Full-sequence attention. `mask`: `decoder_mask`'s lower-triangular bool[B,1,T,T]; for
+    `attention="splash"` the segment ids int[B,T] instead (`ease_jax.models.splash`)."""
     q, k, v = self.project_qkv(x_BxTxD, rope)
+    if self.cfg.attention == "splash":
+      from ease_jax.models.splash import splash_attention  # imports the Pallas TPU kernels
+      return self.project_out(splash_attention(q, k, v, mask))
     # XLA:CPU: blockwise, skipping fully masked key tiles (causal, other documents,
     # padding), ~2x less than torch's SDPA per layer on packed rows; elsewhere the library
     # kernel: cudnn, or XLA's attention (0.60x cudnn's step rate on an H200; TPU unmeasured).
     if self.cfg.attention == "xla" and jax.default_backend() == "cpu":
       with jax.named_scope("block_attention"):
-        out_BxTxNxH = block_causal_attention(q, k, v, mask_Bx1xTxT)
+        out_BxTxNxH = block_causal_attention(q, k, v, mask)
       return self.project_out(out_BxTxNxH)
-    return self.attend(q, k, v, mask_Bx1xTxT, causal=True)
+    return self.attend(q, k, v, mask, causal=True)
 
 
 @jax.custom_vjp

@@ -43,7 +43,7 @@ class DecoderConfig:
   qk_norm: bool = False  # Qwen3
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  attention: Literal["xla", "cudnn"] = "xla"
+  attention: Literal["xla", "cudnn", "splash"] = "xla"
   remat: bool = False
 
   def __post_init__(self):
@@ -88,26 +88,26 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def attend(self, x_BxTxD, rope, mask_Bx1xTxT):
-    """The attention half, residual included."""
+  def attend(self, x_BxTxD, rope, mask):
+    """The attention half, residual included; `mask` as `Attention.__call__` takes it."""
     with jax.named_scope("attn"):  # names in profiles and HLO dumps
-      return x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), rope, mask_Bx1xTxT)
+      return x_BxTxD + self.attn(self.input_layernorm(x_BxTxD), rope, mask)
 
   def feed_forward(self, x_BxTxD):
     """The MLP half, residual included. Row-wise: each position on its own."""
     with jax.named_scope("mlp"):
       return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
-  def __call__(self, x_BxTxD, rope, mask_Bx1xTxT):
-    return self.feed_forward(self.attend(x_BxTxD, rope, mask_Bx1xTxT))
+  def __call__(self, x_BxTxD, rope, mask):
+    return self.feed_forward(self.attend(x_BxTxD, rope, mask))
 
 
-def _run_block(block: Block, x_BxTxD, rope, mask_Bx1xTxT):
-  return block(x_BxTxD, rope, mask_Bx1xTxT)
+def _run_block(block: Block, x_BxTxD, rope, mask):
+  return block(x_BxTxD, rope, mask)
 
 
-def _run_attend(block: Block, x_BxTxD, rope, mask_Bx1xTxT):
-  return block.attend(x_BxTxD, rope, mask_Bx1xTxT)
+def _run_attend(block: Block, x_BxTxD, rope, mask):
+  return block.attend(x_BxTxD, rope, mask)
 
 
 _run_block_remat, _run_attend_remat = nnx.remat(_run_block), nnx.remat(_run_attend)
@@ -160,14 +160,15 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
-    mask_Bx1xTxT = decoder_mask(segment_ids, positions)
+    # splash reads the segment ids (its causal mask is by row: see models/splash.py)
+    mask = segment_ids if self.cfg.attention == "splash" else decoder_mask(segment_ids, positions)
     rope = self.rope(positions)
     run, attend = ((_run_block_remat, _run_attend_remat) if self.cfg.remat else
                    (_run_block, _run_attend))
     x_BxTxD = self.embed_tokens(tokens_BxT)
     for i, block in enumerate(self.layers):
       x_BxTxD = constrain(x_BxTxD, ("batch", None, "embed_act"))
-      x_BxTxD = (run if i + 1 < len(self.layers) else attend)(block, x_BxTxD, rope, mask_Bx1xTxT)
+      x_BxTxD = (run if i + 1 < len(self.layers) else attend)(block, x_BxTxD, rope, mask)
     return x_BxTxD
 
   def tail(self, x_BxTxD: jax.Array) -> jax.Array:

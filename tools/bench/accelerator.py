@@ -2,21 +2,23 @@
 
   python tools/bench/accelerator.py                       # GPU/TPU: both shapes, all choices
   python tools/bench/accelerator.py --models qwen2.5-1.5b --attention cudnn --remat off
+  python tools/bench/accelerator.py --attention splash xla   # TPU: the splash kernel vs. XLA's
   python tools/bench/accelerator.py --profile ...         # + device time by kernel class
   python tools/bench/accelerator.py --smoke               # CPU: a tiny shape, checks it works
 
 Random weights (float32 master copy, bfloat16 compute), the real loss and the real jitted
 train step (`ease_jax.train.step.compile_train_step`, AdamW) on packed rows of `--seq-len`
 tokens (documents of EASE-like lengths, positions restarting per document). Every
-configuration (model x remat x attention; cudnn only on NVIDIA GPUs) runs in its own
-subprocess, so its peak device memory (`device.memory_stats()`) is its own and an
-out-of-memory error or a crash fails that configuration only (it is retried once at half the
-batch, then reported). They run cudnn first, 1.5B before 0.5B; two failures in a row (not
-out of memory) stop the run, since the rest would fail alike. The whole run stays within
-`--budget-s` (460 s): a configuration starts only with `--min-config-s` (60 s; one took 45-57 s
-on an H200) left, and is stopped at the budget. MFU uses the training metric's formula:
-`DecoderConfig.flops_per_token(seq_len) * tokens/s / (peak bf16 FLOP/s * devices)`, with the
-peaks of `ease_jax.metrics`. Prints a table, then one JSON line.
+configuration (model x remat x attention; cudnn only on NVIDIA GPUs, splash only on TPUs)
+runs in its own subprocess, so its peak device memory (`device.memory_stats()`) is its own
+and an out-of-memory error or a crash fails that configuration only (it is retried once at
+half the batch, then reported). They run cudnn (GPU) or splash (TPU) first, 1.5B before 0.5B;
+two failures in a row (not out of memory) stop the run, since the rest would fail alike. The
+whole run stays within `--budget-s` (460 s): a configuration starts only with
+`--min-config-s` (60 s; one took 45-57 s on an H200) left, and is stopped at the budget. MFU
+uses the training metric's formula: `DecoderConfig.flops_per_token(seq_len) * tokens/s /
+(peak bf16 FLOP/s * devices)`, with the peaks of `ease_jax.metrics`. Prints a table, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--batch-size", type=int, default=0,
                   help="rows per device; 0 = per model (0.5b: 8, 1.5b: 4)")
   ap.add_argument("--remat", nargs="+", choices=("off", "on"), default=["off", "on"])
-  ap.add_argument("--attention", nargs="+", choices=("xla", "cudnn"), default=["cudnn", "xla"],
-                  help="cudnn is used only on NVIDIA GPUs")
+  ap.add_argument("--attention", nargs="+", choices=("xla", "cudnn", "splash"),
+                  default=["cudnn", "splash", "xla"],
+                  help="cudnn is used only on NVIDIA GPUs, splash only on TPUs")
   ap.add_argument("--tail-buckets", type=int, default=None,
                   help="train.tail_buckets (default: the config's, -1 = 0 on GPU/TPU); 0 = the "
                        "tail on every position (how the H200 figures in BENCHMARKS.md were "
@@ -157,7 +160,7 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
           "kernels": kernels}
 
 
-_KERNEL_CLASSES = (("attention", ("fmha", "flash", "cudnn", "attention", "sdpa")),
+_KERNEL_CLASSES = (("attention", ("fmha", "flash", "cudnn", "attention", "sdpa", "splash")),
                    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "matmul")),
                    ("fusion", ("fusion", "reduce", "convert", "transpose", "copy", "scatter",
                                "gather", "select", "broadcast", "concatenate", "slice")))
@@ -257,10 +260,12 @@ def probe() -> dict:
 
 def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   """Every (attention, model, remat) to run, most important first: the first attention
-  choice (cudnn where it applies), 1.5B before 0.5B, remat in the order given."""
+  choice that applies (cudnn on NVIDIA GPUs, splash on TPUs), 1.5B before 0.5B, remat in the
+  order given."""
   from ease_jax.sharding import is_cuda
-  nvidia = is_cuda(device["platform"], device["platform_version"])
-  attention = [a for a in args.attention if a != "cudnn" or nvidia]
+  applies = {"cudnn": is_cuda(device["platform"], device["platform_version"]),
+             "splash": device["platform"] == "tpu"}
+  attention = [a for a in args.attention if applies.get(a, True)]
   order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
            "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),

@@ -1,0 +1,86 @@
+"""Splash attention for packed rows on TPU: jax's Pallas kernel, fed segment ids.
+
+`model.attention=splash` runs jax's splash attention kernel (`jax.experimental.pallas.ops.tpu
+.splash_attention`, the kernel MaxText uses on TPU). It reads the rows' segment ids instead of
+a dense [B,1,T,T] mask, keeps O(T) memory per head (no [T,T] scores in HBM), and skips the
+blocks the causal mask hides. Its mask is "same segment and key row <= query row", which is
+`layers.decoder_mask` for batches whose positions increase with the row inside each document:
+every batch the data pipeline packs, and padding (segment 0) alike.
+
+Rows are padded at the end to a multiple of the block (keys after a query are never visible,
+so the padding changes nothing); the kernel works per batch row on [N,T,H] (vmapped), with
+grouped kv heads. Under a mesh it runs in `jax.shard_map`: batch rows split as the batch is,
+heads over `tensor` when it divides both query and kv heads. On other backends the same
+kernel runs in Pallas' interpret mode: exact and slow, for tests; `ease_jax.init` refuses the
+setting off TPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec as P
+
+from ease_jax import sharding
+
+BLOCK = 512  # query and key block of every splash kernel (MaxText's default sa_block_*)
+
+
+def block_size(T: int) -> int:
+  """The kernel's block for rows of T tokens: BLOCK, or T rounded up to 128 when shorter."""
+  return min(BLOCK, 128 * math.ceil(T / 128))
+
+
+def _kernel(num_heads: int, T: int, block: int, interpret: bool):
+  """A causal splash kernel for [num_heads, T, H] queries. Built at each trace, not cached:
+  it holds arrays made inside the trace that builds it."""
+  mask = sa.MultiHeadMask([sa.CausalMask((T, T)) for _ in range(num_heads)])
+  sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                            interpret=interpret)
+
+
+def _attend(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT):
+  """The kernel on this device's rows and heads."""
+  _, N, T, _ = q_BxNxTxH.shape
+  kernel = _kernel(N, T, block_size(T), jax.default_backend() != "tpu")
+  ids = sa.SegmentIds(q=segment_ids_BxT, kv=segment_ids_BxT)
+  return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(
+      q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, ids)
+
+
+def _specs(shape_BxNxTxH, num_kv_heads: int, mesh) -> tuple[P, P]:
+  """(q/k/v spec, segment-ids spec) under `mesh`: rows as the batch, heads over `tensor` when
+  it divides the query and the kv heads (else each device holds all heads)."""
+  batch = sharding.logical_to_spec(("batch",), shape_BxNxTxH[:1], mesh)[0]
+  t = mesh.shape["tensor"]
+  heads = "tensor" if t > 1 and shape_BxNxTxH[1] % t == 0 and num_kv_heads % t == 0 else None
+  return P(batch, heads, None, None), P(batch, None)
+
+
+def splash_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+                     segment_ids_BxT: jax.Array) -> jax.Array:
+  """Causal attention inside each segment (see the module docstring): [B,T,N,H]."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  block = block_size(T)
+  pad = block * math.ceil(T / block) - T
+  q = (q_BxTxNxH * jnp.asarray(H ** -0.5, q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
+  k, v = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+  ids = segment_ids_BxT.astype(jnp.int32)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+    ids = jnp.pad(ids, ((0, 0), (0, pad)))
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or set(mesh.axis_names) != set(sharding.MESH_AXES):
+    out = _attend(q, k, v, ids)
+  else:
+    x_spec, ids_spec = _specs(q.shape, K, mesh)
+    out = jax.shard_map(_attend, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, ids_spec),
+                        out_specs=x_spec, check_vma=False)(q, k, v, ids)
+  return out[:, :, :T].transpose(0, 2, 1, 3)
