@@ -2,6 +2,10 @@
 
 import functools
 import json
+import os
+import socket
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -22,6 +26,7 @@ from ease_jax.train import step as step_lib
 from ease_jax.train import tail as tail_lib
 
 VOCAB = 512
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(seed: int = 0, attention: str = "xla") -> Decoder:
@@ -256,7 +261,8 @@ def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = Fals
                 for i in range(per_call)]
       return {"metrics": out, "traces": traced.call_count, "step": int(state.step)}
     for i in range(steps):
-      batch = make_batch(10 + i, B=16)
+      batch = make_batch(10 + i, B=16)  # placed as the loop places it (several processes too)
+      batch = sharding.put(batch, {k: sharding.batch_sharding(mesh) for k in batch})
       if evaluate is not None:  # the eval sums of the same batch give the step's loss
         total, _ = loss_lib.finalize(evaluate(state, batch), cfg.loss)
       state, m = train(state, batch)
@@ -315,3 +321,36 @@ def test_splash_attention_step_equals_xla_step(one_device_run, fake_devices):
   got = json.loads(fake_devices(SPLASH).strip().splitlines()[-1])
   for name, values in got.items():
     np.testing.assert_allclose(np.array(values), want, rtol=2e-5, err_msg=name)
+
+
+SPLASH_PROCESS = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id={rank})
+sys.path.insert(0, "tests")
+from test_step import sharded_losses
+from ease_jax.config import MeshConfig
+out = sharded_losses(MeshConfig(fsdp=2, tensor=2), steps=2, attention="splash")["metrics"]
+print(json.dumps({{"processes": jax.process_count(), "metrics": out}}))
+"""
+
+
+def test_splash_attention_step_on_two_processes(one_device_run):
+  """The splash step on a mesh that spans two processes (2 fake devices each, gloo
+  collectives), as on a multi-host TPU slice = the xla step on one device."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  procs = [subprocess.Popen([sys.executable, "-c", SPLASH_PROCESS.format(port=port, rank=r)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for r in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for _, e in outs)
+  want = np.array(one_device_run["metrics"][:2])
+  for out, _ in outs:
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["processes"] == 2
+    np.testing.assert_allclose(np.array(got["metrics"]), want, rtol=2e-5)
