@@ -380,7 +380,9 @@ def load_model(run_dir: str | Path, step: int | None = None, mesh: Any = None,
                **numerics: Any) -> tuple[Any, DecoderConfig, int]:
   """A checkpoint's model (parameters only) on `mesh` (default: the first device).
 
-  `numerics` override DecoderConfig fields such as compute_dtype or remat.
+  `numerics` override DecoderConfig fields such as compute_dtype or remat. A stored
+  attention kernel that does not run here (cudnn off NVIDIA GPUs, splash off TPUs: a run
+  trained on a GPU, exported or evaluated on a CPU) becomes xla, which computes the same.
   """
   from flax import nnx
 
@@ -389,6 +391,8 @@ def load_model(run_dir: str | Path, step: int | None = None, mesh: Any = None,
   from ease_jax.models import Decoder
 
   model_cfg, step = read_model_config(run_dir, step)
+  if "attention" not in numerics and not sharding.attention_runs_here(model_cfg.attention):
+    numerics = {**numerics, "attention": "xla"}
   model_cfg = model_cfg.replace(**numerics)
   mesh = mesh or sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
   graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))),

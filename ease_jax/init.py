@@ -62,17 +62,14 @@ def load_run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 def _numerics(cfg: Config) -> dict:
   m = cfg.model
-  device = jax.devices()[0]
-  if m.attention == "cudnn" and not sharding.is_cuda(device.platform,
-                                                     device.client.platform_version):
-    raise ConfigError(f"model.attention=cudnn needs NVIDIA GPUs, and this run has "
+  if not sharding.attention_runs_here(m.attention):
+    device = jax.devices()[0]
+    other = " or cudnn" if sharding.attention_runs_here("cudnn") else (
+        " or splash" if sharding.attention_runs_here("splash") else "")
+    needs = {"cudnn": "NVIDIA GPUs", "splash": "TPUs (a Pallas TPU kernel)"}[m.attention]
+    raise ConfigError(f"model.attention={m.attention} needs {needs}, and this run has "
                       f"{device.platform} devices ({device.device_kind}); use "
-                      "model.attention=xla")
-  if m.attention == "splash" and device.platform != "tpu":
-    raise ConfigError(f"model.attention=splash needs TPUs (a Pallas TPU kernel), and this run "
-                      f"has {device.platform} devices ({device.device_kind}); use "
-                      "model.attention=xla" + (" or cudnn" if sharding.is_cuda(
-                          device.platform, device.client.platform_version) else ""))
+                      f"model.attention=xla{other}")
   return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
               remat=m.remat)
 

@@ -41,6 +41,17 @@ def is_cuda(platform: str, platform_version: str) -> bool:
   return platform == "gpu" and "cuda" in platform_version.lower()
 
 
+def attention_runs_here(attention: str) -> bool:
+  """Whether `model.attention` runs on this process's devices: cudnn on NVIDIA GPUs, splash
+  on TPUs, xla everywhere."""
+  device = jax.devices()[0]
+  if attention == "cudnn":
+    return is_cuda(device.platform, device.client.platform_version)
+  if attention == "splash":
+    return device.platform == "tpu"
+  return True
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 and checks that the mesh covers the devices exactly."""
   sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}

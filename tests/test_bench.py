@@ -255,3 +255,10 @@ def test_accelerator_runs_each_attention_where_it_applies(platform, version, wan
   device = {"platform": platform, "platform_version": version}
   specs = accelerator.configs(accelerator.parse_args([]), device)
   assert list(dict.fromkeys(s["attention"] for s in specs)) == want
+
+
+def test_accelerator_refuses_attention_that_runs_nowhere_here(monkeypatch, capsys):
+  _fake_gpu(monkeypatch, [])
+  with pytest.raises(SystemExit) as exit_info:
+    accelerator.main(["--attention", "splash"])
+  assert exit_info.value.code == 2 and "splash TPUs" in capsys.readouterr().err

@@ -61,6 +61,22 @@ def test_save_restore_round_trip_with_iterator_and_model_config(tmp_path):
   assert_trees_equal(checkpoint.restore_params(tmp_path, None, other.params), state.params)
 
 
+@pytest.mark.parametrize("attention", ["cudnn", "splash"])
+def test_a_kernel_this_machine_lacks_loads_as_xla(attention, tmp_path):
+  """A run trained with cudnn (GPU) or splash (TPU), loaded on a CPU to export, verify or
+  evaluate: the model computes with xla attention (same logits) instead of failing."""
+  cfg, state = tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, CheckpointConfig(every=1))
+  assert ckpt.save(7, state, FakeIterator(), cfg.replace(attention=attention))
+  ckpt.close()
+  model, model_cfg, _ = checkpoint.load_model(tmp_path)
+  assert model_cfg.attention == "xla"
+  tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], jnp.int32)
+  want = Decoder(cfg, rngs=nnx.Rngs(0))
+  nnx.update(want, state.params)
+  np.testing.assert_allclose(model(tokens), want(tokens), atol=1e-6)
+
+
 def test_save_policy_every_force_and_keep(tmp_path):
   cfg, state = tiny_state()
   ckpt = checkpoint.Checkpointer(tmp_path, CheckpointConfig(every=2, keep=2))

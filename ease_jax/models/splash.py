@@ -2,16 +2,18 @@
 
 `model.attention=splash` runs jax's splash attention kernel (`jax.experimental.pallas.ops.tpu
 .splash_attention`, the kernel MaxText uses on TPU). It reads the rows' segment ids instead of
-a dense [B,1,T,T] mask, keeps O(T) memory per head (no [T,T] scores in HBM), and skips the
-blocks the causal mask hides. Its mask is "same segment and key row <= query row", which is
-`layers.decoder_mask` for batches whose positions increase with the row inside each document:
-every batch the data pipeline packs, and padding (segment 0) alike.
+a dense [B,1,T,T] mask and keeps O(T) memory per head (no [T,T] scores in HBM). It skips the
+blocks above the diagonal; blocks that only the segment ids hide are computed and masked. Its
+mask is "same segment and key row <= query row", which is `layers.decoder_mask` when each
+segment id labels one contiguous document whose positions increase with the row: every batch
+the data pipeline packs, padding (segment 0, at the end of a row) included.
 
 Rows are padded at the end to a multiple of the block (keys after a query are never visible,
 so the padding changes nothing); the kernel works per batch row on [N,T,H] (vmapped), with
 grouped kv heads. Under a mesh it runs in `jax.shard_map`: batch rows split as the batch is,
-heads over `tensor` when it divides both query and kv heads. On other backends the same
-kernel runs in Pallas' interpret mode: exact and slow, for tests; `ease_jax.init` refuses the
+query heads over `tensor` when it divides them (kv heads too, or each query head gets a copy
+of its kv head when `tensor` does not divide the kv heads). On other backends the same kernel
+runs in Pallas' interpret mode: exact and slow, for tests; `ease_jax.init` refuses the
 setting off TPU.
 """
 
@@ -28,12 +30,14 @@ from jax.sharding import PartitionSpec as P
 
 from ease_jax import sharding
 
-BLOCK = 512  # query and key block of every splash kernel (MaxText's default sa_block_*)
+BLOCK = 512  # the largest query and key block (MaxText's default sa_block_*)
 
 
 def block_size(T: int) -> int:
-  """The kernel's block for rows of T tokens: BLOCK, or T rounded up to 128 when shorter."""
-  return min(BLOCK, 128 * math.ceil(T / 128))
+  """The kernel's block for rows of T tokens: the largest of 512, 256, 128 that divides T
+  rounded up to a multiple of 128 (so at most 127 rows of padding)."""
+  padded = 128 * math.ceil(T / 128)
+  return next(b for b in (BLOCK, 256, 128) if padded % b == 0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,13 +64,9 @@ def _attend(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT):
       q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, ids)
 
 
-def _specs(shape_BxNxTxH, num_kv_heads: int, mesh) -> tuple[P, P]:
-  """(q/k/v spec, segment-ids spec) under `mesh`: rows as the batch, heads over `tensor` when
-  it divides the query and the kv heads (else each device holds all heads)."""
-  batch = sharding.logical_to_spec(("batch",), shape_BxNxTxH[:1], mesh)[0]
+def _heads_split(num_heads: int, mesh) -> bool:
   t = mesh.shape["tensor"]
-  heads = "tensor" if t > 1 and shape_BxNxTxH[1] % t == 0 and num_kv_heads % t == 0 else None
-  return P(batch, heads, None, None), P(batch, None)
+  return t > 1 and num_heads % t == 0
 
 
 def splash_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
@@ -86,7 +86,13 @@ def splash_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.
   if mesh.empty or mesh.size == 1 or set(mesh.axis_names) != set(sharding.MESH_AXES):
     out = _attend(q, k, v, ids)
   else:
-    x_spec, ids_spec = _specs(q.shape, K, mesh)
+    heads = None
+    if _heads_split(N, mesh):
+      heads = "tensor"
+      if not _heads_split(K, mesh):  # each query head with its own kv head: q's split works
+        k, v = (jnp.repeat(x, N // K, axis=1) for x in (k, v))
+    batch = sharding.logical_to_spec(("batch",), (B,), mesh)[0]
+    x_spec, ids_spec = P(batch, heads, None, None), P(batch, None)
     out = jax.shard_map(_attend, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, ids_spec),
                         out_specs=x_spec, check_vma=False)(q, k, v, ids)
   return out[:, :, :T].transpose(0, 2, 1, 3)

@@ -319,6 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
     sys.exit(2)
   results, skipped = [], []
   specs = configs(args, device)
+  if not specs:
+    print(f"error: none of --attention {' '.join(args.attention)} runs on {device['platform']} "
+          "devices (cudnn needs NVIDIA GPUs, splash TPUs; xla runs everywhere)", file=sys.stderr)
+    sys.exit(2)
   for i, spec in enumerate(specs):
     left = args.budget_s - (time.perf_counter() - start)
     if left < args.min_config_s:
