@@ -308,9 +308,8 @@ sys.path.insert(0, "tests")
 from test_step import sharded_losses
 from ease_jax.config import MeshConfig
 # tensor 2 splits the 4 query and 2 kv heads; tensor 4 the query heads, each with a copy of
-# its kv head
-meshes = {"one_device": dict(fsdp=1), "fsdp4_tensor2": dict(fsdp=4, tensor=2),
-          "data2_tensor4": dict(data=2, tensor=4)}
+# its kv head (one device: test_model.py's test_accelerator_attention_paths_equal_cpu_path)
+meshes = {"fsdp4_tensor2": dict(fsdp=4, tensor=2), "data2_tensor4": dict(data=2, tensor=4)}
 print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="splash")["metrics"]
                   for name, m in meshes.items()}))
 """
@@ -318,8 +317,8 @@ print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="spla
 
 def test_splash_attention_step_equals_xla_step(one_device_run, fake_devices):
   """`model.attention=splash` (the TPU kernel, here in Pallas' interpret mode): the train step
-  (loss, gradient norm, parameter norm) on one device and in `shard_map` on meshes that split
-  rows and heads = the xla step."""
+  (loss, gradient norm, parameter norm) in `shard_map` on meshes that split rows and heads =
+  the xla step on one device."""
   want = np.array(one_device_run["metrics"][:2])
   got = json.loads(fake_devices(SPLASH).strip().splitlines()[-1])
   for name, values in got.items():
