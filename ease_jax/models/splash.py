@@ -89,7 +89,7 @@ def splash_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.
     heads = None
     if _heads_split(N, mesh):
       heads = "tensor"
-      if not _heads_split(K, mesh):  # each query head with its own kv head: q's split works
+      if not _heads_split(K, mesh):  # one kv head per query head: split as q is
         k, v = (jnp.repeat(x, N // K, axis=1) for x in (k, v))
     batch = sharding.logical_to_spec(("batch",), (B,), mesh)[0]
     x_spec, ids_spec = P(batch, heads, None, None), P(batch, None)
