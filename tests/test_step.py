@@ -307,9 +307,10 @@ import json, sys
 sys.path.insert(0, "tests")
 from test_step import sharded_losses
 from ease_jax.config import MeshConfig
-# tensor 2 splits the 4 query and 2 kv heads; tensor 4 the query heads, each with a copy of
-# its kv head (one device: test_model.py's test_accelerator_attention_paths_equal_cpu_path)
-meshes = {"fsdp4_tensor2": dict(fsdp=4, tensor=2), "data2_tensor4": dict(data=2, tensor=4)}
+# tensor 4 splits the 4 query heads, each with a copy of its kv head (tensor 2 splitting
+# query and kv heads: test_splash_attention_step_on_two_processes; one device:
+# test_model.py's test_accelerator_attention_paths_equal_cpu_path)
+meshes = {"data2_tensor4": dict(data=2, tensor=4)}
 print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="splash")["metrics"]
                   for name, m in meshes.items()}))
 """
@@ -317,8 +318,8 @@ print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="spla
 
 def test_splash_attention_step_equals_xla_step(one_device_run, fake_devices):
   """`model.attention=splash` (the TPU kernel, here in Pallas' interpret mode): the train step
-  (loss, gradient norm, parameter norm) in `shard_map` on meshes that split rows and heads =
-  the xla step on one device."""
+  (loss, gradient norm, parameter norm) in `shard_map` on a mesh that splits rows and query
+  heads = the xla step on one device."""
   want = np.array(one_device_run["metrics"][:2])
   got = json.loads(fake_devices(SPLASH).strip().splitlines()[-1])
   for name, values in got.items():
