@@ -64,8 +64,7 @@ def _numerics(cfg: Config) -> dict:
   m = cfg.model
   if not sharding.attention_runs_here(m.attention):
     device = jax.devices()[0]
-    other = " or cudnn" if sharding.attention_runs_here("cudnn") else (
-        " or splash" if sharding.attention_runs_here("splash") else "")
+    other = "".join(f" or {a}" for a in ("cudnn", "splash") if sharding.attention_runs_here(a))
     needs = {"cudnn": "NVIDIA GPUs", "splash": "TPUs (a Pallas TPU kernel)"}[m.attention]
     raise ConfigError(f"model.attention={m.attention} needs {needs}, and this run has "
                       f"{device.platform} devices ({device.device_kind}); use "

@@ -41,15 +41,20 @@ def is_cuda(platform: str, platform_version: str) -> bool:
   return platform == "gpu" and "cuda" in platform_version.lower()
 
 
-def attention_runs_here(attention: str) -> bool:
-  """Whether `model.attention` runs on this process's devices: cudnn on NVIDIA GPUs, splash
+def attention_runs_on(attention: str, platform: str, platform_version: str) -> bool:
+  """Whether `model.attention` runs on devices of this platform: cudnn on NVIDIA GPUs, splash
   on TPUs, xla everywhere."""
-  device = jax.devices()[0]
   if attention == "cudnn":
-    return is_cuda(device.platform, device.client.platform_version)
+    return is_cuda(platform, platform_version)
   if attention == "splash":
-    return device.platform == "tpu"
+    return platform == "tpu"
   return True
+
+
+def attention_runs_here(attention: str) -> bool:
+  """`attention_runs_on` this process's devices."""
+  device = jax.devices()[0]
+  return attention_runs_on(attention, device.platform, device.client.platform_version)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

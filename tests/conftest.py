@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,14 @@ def run_with_devices(code: str, n: int = 8, timeout: int = 600, env: dict | None
   if proc.returncode != 0:
     raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc.stdout
+
+
+@pytest.fixture
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on (for jax.distributed's coordinator)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
 
 
 @pytest.fixture

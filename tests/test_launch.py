@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +70,6 @@ def test_real_model_configs_have_the_reference_recipe(name):
   assert sorted(s.target_type for s in p2.data.train) == ["direct", "reasoning", "refusal"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class _BothShards:
   """What two processes feed together, from one process: shard 0's rows, then shard 1's."""
 
@@ -105,8 +98,8 @@ class _Zip:
       it.close()
 
 
-def test_two_processes_match_one(tmp_path, monkeypatch):
-  port = _free_port()
+def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
+  port = free_port
   procs = [subprocess.Popen(
       [*TRAIN, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id",
        str(i), f"run_dir={tmp_path / 'multi'}", *MULTI], cwd=REPO, stdout=subprocess.PIPE,

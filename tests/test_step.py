@@ -3,9 +3,9 @@
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import jax
@@ -26,7 +26,7 @@ from ease_jax.train import step as step_lib
 from ease_jax.train import tail as tail_lib
 
 VOCAB = 512
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(seed: int = 0, attention: str = "xla") -> Decoder:
@@ -339,15 +339,12 @@ print(json.dumps({{"processes": jax.process_count(), "metrics": out}}))
 """
 
 
-def test_splash_attention_step_on_two_processes(one_device_run):
+def test_splash_attention_step_on_two_processes(one_device_run, free_port):
   """The splash step on a mesh that spans two processes (2 fake devices each, gloo
   collectives), as on a multi-host TPU slice = the xla step on one device."""
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  procs = [subprocess.Popen([sys.executable, "-c", SPLASH_PROCESS.format(port=port, rank=r)],
+  procs = [subprocess.Popen([sys.executable, "-c", SPLASH_PROCESS.format(port=free_port, rank=r)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for r in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]

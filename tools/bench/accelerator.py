@@ -262,10 +262,9 @@ def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   """Every (attention, model, remat) to run, most important first: the first attention
   choice that applies (cudnn on NVIDIA GPUs, splash on TPUs), 1.5B before 0.5B, remat in the
   order given."""
-  from ease_jax.sharding import is_cuda
-  applies = {"cudnn": is_cuda(device["platform"], device["platform_version"]),
-             "splash": device["platform"] == "tpu"}
-  attention = [a for a in args.attention if applies.get(a, True)]
+  from ease_jax.sharding import attention_runs_on
+  attention = [a for a in args.attention
+               if attention_runs_on(a, device["platform"], device["platform_version"])]
   order = sorted(args.models, key=lambda m: MODELS.index(m) if m in MODELS else -1, reverse=True)
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
            "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),
