@@ -99,9 +99,8 @@ class _Zip:
 
 
 def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
-  port = free_port
   procs = [subprocess.Popen(
-      [*TRAIN, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id",
+      [*TRAIN, "--coordinator", f"127.0.0.1:{free_port}", "--num_processes", "2", "--process_id",
        str(i), f"run_dir={tmp_path / 'multi'}", *MULTI], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
       for i in range(2)]
