@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from xla_env import set_for_this_process, xla_flags
+
+set_for_this_process()  # before any test module imports jax
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 600, env: dict | None = None) -> str:
   """Runs `code` in a fresh Python with `n` fake CPU devices; returns stdout, raises on failure."""
-  full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+  full_env = dict(os.environ, XLA_FLAGS=xla_flags(n),
                   JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                         text=True, timeout=timeout, env=full_env, cwd=REPO)

@@ -14,6 +14,7 @@ import pytest
 from ease_jax.config import load_config
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.train import loop
+from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]  # one training run
@@ -24,8 +25,7 @@ MULTI = ["train.batch_size=4", "train.seq_len=128", "train.steps=3", "train.log_
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), **(env or {}))
   return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -24,6 +24,7 @@ from ease_jax.config import CheckpointConfig, load_config
 from ease_jax.errors import UserError
 from ease_jax.train import loop
 from tests.test_checkpoint import FakeIterator, assert_trees_equal, tiny_state
+from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny run: 8 steps, a checkpoint every 2 (keep 2), no eval, metrics every step.
@@ -60,7 +61,7 @@ def _env(tmp: Path, **extra: str) -> dict:
              SLOW_COMMIT="1.0", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(extra)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   return env
 
 
@@ -326,7 +327,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
 
 def _launch(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -24,6 +24,7 @@ from ease_jax.train import loss as loss_lib
 from ease_jax.train import optim
 from ease_jax.train import step as step_lib
 from ease_jax.train import tail as tail_lib
+from xla_env import xla_flags
 
 VOCAB = 512
 REPO = Path(__file__).resolve().parents[1]
@@ -342,7 +343,7 @@ print(json.dumps({{"processes": jax.process_count(), "metrics": out}}))
 def test_splash_attention_step_on_two_processes(one_device_run, free_port):
   """The splash step on a mesh that spans two processes (2 fake devices each, gloo
   collectives), as on a multi-host TPU slice = the xla step on one device."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   procs = [subprocess.Popen([sys.executable, "-c", SPLASH_PROCESS.format(port=free_port, rank=r)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
