@@ -234,7 +234,10 @@ class Generator:
                       f"data x fsdp size ({self.dp})")
     self.state, self.batch_size = state, batch_size
     self.num_compilations = 0  # traces of the batch function: one per distinct shape
-    self._jit = jax.jit(self._traced, static_argnames=("max_new_tokens", "greedy"))
+    # The outputs (a few int32 per row) replicated: every process of a mesh that spans
+    # several reads the whole batch's results.
+    self._jit = jax.jit(self._traced, static_argnames=("max_new_tokens", "greedy"),
+                        out_shardings=None if mesh is None else sharding.replicated(mesh))
 
   def update_params(self, state: nnx.State) -> None:
     """New parameter values of the same structure (e.g. after training steps): no recompile."""

@@ -129,11 +129,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put(tree: Any, shardings: Any) -> Any:
-  """Places host-identical arrays onto `shardings`; works across processes too."""
+  """Places host-identical arrays onto `shardings`; works across processes too, where arrays
+  already global (spanning processes, e.g. training's parameters) are resharded on device."""
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
 
   def place(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x if x.sharding == s else jax.jit(lambda a: a, out_shardings=s)(x)
     host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

@@ -21,7 +21,9 @@ TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]  # 
 # Steps 1-2 run as one call (train.steps_per_call=2: batches stacked across processes), 3 alone.
 MULTI = ["train.batch_size=4", "train.seq_len=128", "train.steps=3", "train.log_every=1",
          "train.steps_per_call=2", "checkpoint.every=100",
-         "data.eval=[{name: eval, adapter: prompt_response, path: data/demo/eval.jsonl, max_rows: 9}]"]
+         "data.eval=[{name: eval, adapter: prompt_response, path: data/demo/eval.jsonl, max_rows: 9}]",
+         # Generation at the end, rows split over both processes' devices.
+         "behavior.file=data/demo/eval.jsonl", "behavior.max_new_tokens=4", "behavior.batch_size=8"]
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -127,6 +129,13 @@ def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
                                rtol=2e-5, err_msg=key)
   # Eval sums over the same records however they are split and packed.
   np.testing.assert_allclose(multi[-1]["eval/loss/total"], one[-1]["eval/loss/total"], rtol=2e-5)
+  # The same generations on one process as on two (which wrote one report, from process 0).
+  behavior = {k: v for k, v in one[-1].items() if k.startswith("behavior/")}
+  assert "behavior/overall/mean_new_tokens" in behavior
+  assert {k: multi[-1].get(k) for k in behavior} == pytest.approx(behavior)
+  multi_report, one_report = (json.loads((tmp_path / d / "behavior" / "3" / "report.json").read_text())
+                              for d in ("multi", "one"))
+  assert multi_report["classes"] == one_report["classes"]
 
 
 def test_tpu_vm_script_runs_the_command_on_all_workers(tmp_path):

@@ -1,6 +1,7 @@
 """Selective-reasoning evaluation inside training: generate on `behavior.file` with the
 current parameters every `behavior.every` steps; scalars go to TensorBoard and
 metrics.jsonl (`behavior/<class>/<metric>`), the full report to RUN_DIR/behavior/<step>/.
+On a mesh over several processes (a multi-host TPU slice) every process takes part.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from flax import nnx
 from ease_jax import evaluate as E
 from ease_jax import sharding
 from ease_jax.config import Config
-from ease_jax.errors import ConfigError
 
 METRICS = ("reasoning_rate", "refusal_rate", "mean_new_tokens", "mean_think_tokens")
 
@@ -30,9 +30,6 @@ def make(cfg: Config, graphdef: nnx.GraphDef, params: Any, model_cfg: Any, token
   """A function (step, params) -> scalars, or None when `behavior.file` is not set."""
   if not cfg.behavior.file:
     return None
-  if jax.process_count() > 1:
-    raise ConfigError("behavior.file (generation during training) runs on one process only; "
-                      "unset it and evaluate checkpoints with tools/evaluate.py")
   from ease_jax import generate as G
 
   items = E.read_eval_file(cfg.behavior.file)  # bad files fail before the first step
@@ -44,8 +41,11 @@ def make(cfg: Config, graphdef: nnx.GraphDef, params: Any, model_cfg: Any, token
 
   def run(step: int, new_params: Any) -> dict[str, float]:
     generator.update_params(new_params)
+    # Every process generates the same rows (batch rows split over the whole mesh) and
+    # reads all the results; process 0 writes the report.
     report, rows = E.evaluate(generator, items, sampling)
-    E.write_report(report, run_dir / "behavior" / str(step), rows, title=f"step {step}")
+    if jax.process_index() == 0:
+      E.write_report(report, run_dir / "behavior" / str(step), rows, title=f"step {step}")
     groups = {**report["classes"], "overall": report["overall"]}
     return {f"behavior/{name}/{k}": float(stats[k]) for name, stats in groups.items()
             for k in METRICS}
