@@ -41,8 +41,8 @@ def make(cfg: Config, graphdef: nnx.GraphDef, params: Any, model_cfg: Any, token
 
   def run(step: int, new_params: Any) -> dict[str, float]:
     generator.update_params(new_params)
-    # Every process generates the same rows (batch rows split over the whole mesh) and
-    # reads all the results; process 0 writes the report.
+    # All processes run each generation batch together (its rows split over the mesh) and
+    # all read every row's result; process 0 writes the report.
     report, rows = E.evaluate(generator, items, sampling)
     if jax.process_index() == 0:
       E.write_report(report, run_dir / "behavior" / str(step), rows, title=f"step {step}")
