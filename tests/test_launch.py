@@ -129,7 +129,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
                                rtol=2e-5, err_msg=key)
   # Eval sums over the same records however they are split and packed.
   np.testing.assert_allclose(multi[-1]["eval/loss/total"], one[-1]["eval/loss/total"], rtol=2e-5)
-  # The same generations on one process as on two (which wrote one report, from process 0).
+  # The same generations on one process as on two (whose report process 0 writes).
   behavior = {k: v for k, v in one[-1].items() if k.startswith("behavior/")}
   assert "behavior/overall/mean_new_tokens" in behavior
   assert {k: multi[-1].get(k) for k in behavior} == pytest.approx(behavior)
