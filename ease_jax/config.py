@@ -82,6 +82,10 @@ class TrainConfig:
   # positions with loss, padded to the next of this many static sizes (ease_jax/train/tail.py);
   # 0 = on every position, plain autodiff; -1 = 8 on CPU, 0 on GPU/TPU (not measured there yet).
   tail_buckets: int = -1
+  # Positions per piece of the tail and the cross-entropy (a lax.scan): the step then holds
+  # the float32 logits (and their gradient) of one piece of each batch shard, not of all
+  # B x T positions; for large vocabularies (Qwen2.5: 151,936). 0 = all at once.
+  loss_chunk: int = 0
   lr: float = 1e-5
   warmup_ratio: float = 0.03
   min_lr_ratio: float = 0.0
@@ -166,6 +170,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "train.seq_len": (lambda v: v >= 8, "an integer >= 8"), "train.grad_accum": _POSITIVE,
     "train.steps_per_call": _POSITIVE,
     "train.tail_buckets": (lambda v: v >= -1, "a number >= 0, or -1 (8 on CPU, 0 elsewhere)"),
+    "train.loss_chunk": _NON_NEGATIVE,
     "train.lr": _NON_NEGATIVE, "train.warmup_ratio": (lambda v: 0 <= v < 1, "a ratio in [0, 1)"),
     "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
     "train.weight_decay": _NON_NEGATIVE, "train.clip_norm": _NON_NEGATIVE,

@@ -70,7 +70,7 @@ def jit_step(tx, cfg: Config):
       loss_cfg=cfg.loss, grad_accum=cfg.train.grad_accum,
       schedule=optim.make_schedule(cfg.train, 10),
       trainable=cfg.train.trainable, skip_nonfinite=cfg.train.skip_nonfinite_steps,
-      tail_buckets=cfg.train.tail_buckets))
+      tail_buckets=cfg.train.tail_buckets, loss_chunk=cfg.train.loss_chunk))
 
 
 def run_steps(fn, tx, batches, state=None):
@@ -211,39 +211,62 @@ def test_tail_buckets_default_resolves_by_backend(monkeypatch):
                                                (16, 1, r"layers\.0|^embed")])
 def test_tail_on_loss_positions_equals_every_position(T, accum, trainable, monkeypatch):
   """train.tail_buckets > 0 (the tail on positions with loss only, its gradient taken in the
-  forward) gives the gradients, updates and metrics of the plain path (0), whatever bucket
-  a batch lands in: rows without any loss, uneven rows, micro-batches, frozen tail params."""
+  forward) and train.loss_chunk > 0 (the tail in pieces, alone or inside a bucket) give the
+  gradients, updates and metrics of the plain path (0, 0), whatever bucket a batch lands in
+  and whether or not the pieces divide it: rows without any loss, uneven rows,
+  micro-batches, frozen tail params."""
   monkeypatch.setattr(tail_lib, "MIN_BUCKET", 8)  # several sizes even for these tiny rows
   batch = make_batch(4, B=8, T=T)
   batch["loss_weight"][3] = 0.0  # a row without loss
   batch["loss_weight"][5, 2:] = 1.0  # a row almost all loss
   batch["loss_weight"][6, :-1] *= 0.5  # weights other than 1
   results = {}
-  for buckets in (0, 1, 3, 8):
+  variants = [(0, 0), (1, 0), (3, 0), (8, 0), (0, 40), (0, 8), (3, 24)]
+  for buckets, chunk in variants:
     cfg = replace(Config(), train=train_cfg(grad_accum=accum, adam_eps=1e-3, trainable=trainable,
-                                            tail_buckets=buckets),
+                                            tail_buckets=buckets, loss_chunk=chunk),
                   loss=LossConfig(objective_weights=ObjectiveWeights(refusal=2.0)))
     tx = optax.chain(keep_grads(), optim.make_optimizer(cfg.train, 10))
     state, metrics = run_steps(jit_step(tx, cfg), tx, [batch])
-    results[buckets] = leaves(state.opt_state[0]), leaves(state.params), metrics[0]
-  g0, p0, m0 = results[0]
-  for buckets in (1, 3, 8):
-    g, p, m = results[buckets]
+    results[buckets, chunk] = leaves(state.opt_state[0]), leaves(state.params), metrics[0]
+  g0, p0, m0 = results[0, 0]
+  for variant in variants[1:]:
+    g, p, m = results[variant]
     for k in g0:
       np.testing.assert_allclose(g[k], g0[k], rtol=1e-4, atol=1e-5 * np.abs(g0[k]).max() + 1e-12,
-                                 err_msg=f"{buckets} {k}")
-      np.testing.assert_allclose(p[k], p0[k], rtol=1e-6, atol=1e-7, err_msg=f"{buckets} {k}")
+                                 err_msg=f"{variant} {k}")
+      np.testing.assert_allclose(p[k], p0[k], rtol=1e-6, atol=1e-7, err_msg=f"{variant} {k}")
     for key in m0:
-      np.testing.assert_allclose(m[key], m0[key], rtol=1e-5, err_msg=f"{buckets} {key}")
+      np.testing.assert_allclose(m[key], m0[key], rtol=1e-5, err_msg=f"{variant} {key}")
   # A trainable parameter of the tail gets its gradient through it.
   assert np.abs(g0["norm.weight" if trainable == ".*" else "embed"]).max() > 0
 
 
+def test_loss_chunk_bounds_the_logits_memory():
+  """train.loss_chunk: the compiled step's scratch memory no longer grows with the logits of
+  every position (XLA's own memory analysis of the compiled program, not a timing). A wide
+  vocabulary against a tiny model, as Qwen2.5's 151,936 against its hidden size."""
+  cfg = get_preset("tiny").replace(vocab_size=16384)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tx = optim.make_optimizer(train_cfg(), 10)
+  graphdef, state = step_lib.init_state(model, tx, 0)
+  batch = jax.tree.map(jnp.asarray, make_batch(0, B=4, T=256))
+  logits_bytes = 4 * 256 * 16384 * 4
+  temp = {}
+  for chunk in (0, 128):
+    fn = jax.jit(functools.partial(
+        step_lib.train_step, graphdef=graphdef, tx=tx, loss_cfg=LossConfig(), grad_accum=1,
+        schedule=optim.make_schedule(train_cfg(), 10), tail_buckets=0, loss_chunk=chunk))
+    temp[chunk] = fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  assert temp[0] > logits_bytes  # the plain step holds every position's float32 logits
+  assert temp[128] < temp[0] - logits_bytes / 2, temp
+
+
 def sharded_losses(mesh_cfg: MeshConfig, steps: int = 5, check_eval: bool = False,
-                   per_call: int = 1, attention: str = "xla") -> dict:
+                   per_call: int = 1, attention: str = "xla", loss_chunk: int = 0) -> dict:
   """Per step (loss/total, grad_norm, param_norm) of the compiled step on a mesh; trace count.
   `per_call` > 1: that many steps per call (train.steps_per_call), batches stacked."""
-  cfg = replace(Config(), train=train_cfg(grad_accum=2))
+  cfg = replace(Config(), train=train_cfg(grad_accum=2, loss_chunk=loss_chunk))
   devices = jax.devices()[:np.prod([max(v, 1) for v in vars(mesh_cfg).values()])]
   mesh = sharding.make_mesh(mesh_cfg, devices=devices)
   tx = optim.make_optimizer(cfg.train, 10)
@@ -291,6 +314,10 @@ meshes = {"fsdp4_tensor2": dict(fsdp=4, tensor=2), "data2_fsdp4": dict(data=2, f
 out = {name: sharded_losses(MeshConfig(**m))["metrics"] for name, m in meshes.items()}
 # train.steps_per_call=5: the five steps in one call, batches stacked [5, B, T] on the mesh
 out["data2_fsdp4_5_per_call"] = sharded_losses(MeshConfig(data=2, fsdp=4), per_call=5)["metrics"]
+# train.loss_chunk: the tail in pieces on every batch shard; the eval step in pieces gives the
+# same loss as the train step (check_eval)
+out["fsdp4_tensor2_loss_chunk"] = sharded_losses(MeshConfig(fsdp=4, tensor=2), loss_chunk=24,
+                                                 check_eval=True)["metrics"]
 print(json.dumps(out))
 """
 

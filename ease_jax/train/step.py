@@ -56,7 +56,7 @@ def _logits(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> jax.Array
 
 
 def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, mask,
-                      tail_buckets):
+                      tail_buckets, loss_chunk):
   """Sums over micro-batches of the loss numerators and of the exact full-batch gradient shares.
   Params where `mask` is False are frozen: inside the differentiated function, so their
   gradient is zero and XLA spares their weight-gradient products."""
@@ -66,8 +66,9 @@ def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, 
     # Global denominators make each micro-batch's share linear in its tokens, so the
     # summed gradient is the full-batch gradient, not a mean of micro-batch means.
     coef_BxT = loss_lib.token_coefficients(mb, totals, loss_cfg)
-    if tail_buckets:
-      share, losses_BxT = tail_lib.supervised_share(graphdef, p, mb, coef_BxT, tail_buckets)
+    if tail_buckets or loss_chunk:
+      share, losses_BxT = tail_lib.supervised_share(graphdef, p, mb, coef_BxT, tail_buckets,
+                                                    loss_chunk)
     else:
       losses_BxT = loss_lib.token_losses(_logits(graphdef, p, mb), mb["targets"])
       share = (coef_BxT * losses_BxT).sum()
@@ -87,12 +88,14 @@ def _accumulate_grads(params, batch, totals, *, graphdef, loss_cfg, grad_accum, 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int,
                schedule: optax.Schedule, trainable: str = ".*", skip_nonfinite: bool = False,
-               tail_buckets: int = TrainConfig.tail_buckets
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tail_buckets: int = TrainConfig.tail_buckets,
+               loss_chunk: int = TrainConfig.loss_chunk) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` ([B, T] fields of ease_jax.batch), in `grad_accum` micro-batches.
 
   `tail_buckets` > 0 (`train.tail_buckets`, whose default it shares; -1 resolves by backend):
   the model's tail runs only on the positions with loss (ease_jax/train/tail.py).
+  `loss_chunk` > 0 (`train.loss_chunk`): the tail and the cross-entropy run in pieces of that
+  many positions, so the logits of only one piece exist at a time.
 
   Metrics: loss/* and tokens/* (see loss.finalize), lr, grad_norm (trainable params,
   before clipping), param_norm, nonfinite (1.0 when the loss or a gradient is NaN/Inf;
@@ -102,7 +105,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   grads, nums = _accumulate_grads(state.params, batch, totals, graphdef=graphdef,
                                   loss_cfg=loss_cfg, grad_accum=grad_accum,
                                   mask=trainable_mask(state.params, trainable),
-                                  tail_buckets=tail_lib.resolve_buckets(tail_buckets))
+                                  tail_buckets=tail_lib.resolve_buckets(tail_buckets),
+                                  loss_chunk=loss_chunk)
   loss, metrics = loss_lib.finalize(nums | totals, loss_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -118,8 +122,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
 
 
 def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-              loss_cfg: LossConfig) -> dict[str, jax.Array]:
-  """The loss sums of one eval batch; add them over batches, then `loss.finalize`."""
+              loss_cfg: LossConfig, loss_chunk: int = 0) -> dict[str, jax.Array]:
+  """The loss sums of one eval batch; add them over batches, then `loss.finalize`.
+  `loss_chunk` > 0: the logits in pieces of that many positions per row."""
+  if loss_chunk:
+    losses_BxT = tail_lib.token_losses(graphdef, state.params, batch, loss_chunk)
+    return loss_lib.numerator_sums(losses_BxT, batch, loss_cfg) | loss_lib.weight_sums(
+        batch, loss_cfg)
   return loss_lib.loss_sums(_logits(graphdef, state.params, batch), batch, loss_cfg)
 
 
@@ -168,7 +177,8 @@ def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                          grad_accum=cfg.train.grad_accum, schedule=schedule,
                          trainable=cfg.train.trainable,
                          skip_nonfinite=cfg.train.skip_nonfinite_steps,
-                         tail_buckets=cfg.train.tail_buckets)
+                         tail_buckets=cfg.train.tail_buckets,
+                         loss_chunk=cfg.train.loss_chunk)
   if steps > 1:
     fn = functools.partial(jax.lax.scan, fn)
   return jax.jit(_on_mesh(fn, mesh),
@@ -179,7 +189,8 @@ def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def compile_eval_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh,
                       state: TrainState) -> Callable[[TrainState, dict], dict]:
   """`eval_step` jitted once with the same shardings as the train step; nothing donated."""
-  fn = functools.partial(eval_step, graphdef=graphdef, loss_cfg=cfg.loss)
+  fn = functools.partial(eval_step, graphdef=graphdef, loss_cfg=cfg.loss,
+                         loss_chunk=cfg.train.loss_chunk)
   return jax.jit(_on_mesh(fn, mesh),
                  in_shardings=(state_shardings(mesh, state), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

@@ -67,43 +67,90 @@ def _pad_rows(a_BxS, T: int):
   return jnp.pad(a_BxS, [(0, 0), (0, T - a_BxS.shape[1])] + [(0, 0)] * (a_BxS.ndim - 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _tail(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT, targets_BxT):
-  return _tail_fwd(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
+def _share(graph, tail_params, rest_params, x_BxSxD, c_BxS, t_BxS):
+  """(sum of c * token loss, token losses [B,S], d tail params, d x) of these positions,
+  the gradient taken here, in the forward pass."""
+  B, S = c_BxS.shape
+
+  def share(tail_params, x_BxSxD):
+    # Rows of 8 positions: XLA:CPU reduced [1, S, D] over S (the norm weights' gradient)
+    # ~25x slower than [S/8, 8, D] over both.
+    x = x_BxSxD.reshape(-1, 8, x_BxSxD.shape[-1]) if S % 8 == 0 else x_BxSxD
+    logits = nnx.merge(graph, tail_params, rest_params).tail(x)
+    losses_BxS = loss_lib.token_losses(logits, t_BxS.reshape(x.shape[:2])).reshape(B, S)
+    return (c_BxS * losses_BxS).sum(), losses_BxS
+
+  (value, losses_BxS), (d_tail, d_x) = jax.value_and_grad(
+      share, argnums=(0, 1), has_aux=True)(tail_params, x_BxSxD)
+  return value, losses_BxS, d_tail, d_x
+
+
+def split_pieces(a_BxS, chunk: int):
+  """[B, S, ...] -> [n, B, chunk, ...], the positions zero-padded to n * chunk."""
+  B, S = a_BxS.shape[:2]
+  n = -(-S // chunk)
+  a = jnp.pad(a_BxS, [(0, 0), (0, n * chunk - S)] + [(0, 0)] * (a_BxS.ndim - 2))
+  return a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+
+def merge_pieces(a_NxBxC, S: int):
+  """The inverse of `split_pieces`: [n, B, chunk, ...] -> [B, S, ...]."""
+  n, B, C = a_NxBxC.shape[:3]
+  return a_NxBxC.swapaxes(0, 1).reshape(B, n * C, *a_NxBxC.shape[3:])[:, :S]
+
+
+def _pieces(graph, chunk: int, tail_params, rest_params, x_BxSxD, c_BxS, t_BxS):
+  """`_share` in pieces of `chunk` positions (`train.loss_chunk`; 0 = one piece), a
+  `lax.scan` summing the tail's gradient: only one piece's logits exist at a time. The
+  padding positions of the last piece have coefficient 0, so they add nothing."""
+  S = c_BxS.shape[1]
+  if not chunk or chunk >= S:
+    return _share(graph, tail_params, rest_params, x_BxSxD, c_BxS, t_BxS)
+
+  def piece(d_tail, operands):
+    value, losses, d, d_x = _share(graph, tail_params, rest_params, *operands)
+    return jax.tree.map(jnp.add, d_tail, d), (value, losses, d_x)
+
+  d_tail, (values, losses, d_x) = jax.lax.scan(
+      piece, jax.tree.map(jnp.zeros_like, tail_params),
+      tuple(split_pieces(a, chunk) for a in (x_BxSxD, c_BxS, t_BxS)))
+  return values.sum(), merge_pieces(losses, S), d_tail, merge_pieces(d_x, S)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tail(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
+          targets_BxT):
+  return _tail_fwd(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
                    targets_BxT)[0]
 
 
-def _tail_fwd(graph, sizes, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT, targets_BxT):
+def _tail_fwd(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
+              targets_BxT):
   T = x_BxTxD.shape[1]
-  order_BxT = jnp.argsort(~need_BxT, axis=1, stable=True)  # positions with loss first
-  inverse_BxT = jnp.argsort(order_BxT, axis=1)
-  xs, cs, ts = (_take_rows(a, order_BxT) for a in (x_BxTxD, coef_BxT, targets_BxT))
 
   def branch(size: int):
     def run(tail_params, rest_params, xs, cs, ts):
-      def share(tail_params, x_BxSxD):
-        # Rows of 8 positions: XLA:CPU reduced [1, S, D] over S (the norm weights' gradient)
-        # ~25x slower than [S/8, 8, D] over both.
-        x = x_BxSxD.reshape(-1, 8, x_BxSxD.shape[-1]) if size % 8 == 0 else x_BxSxD
-        logits = nnx.merge(graph, tail_params, rest_params).tail(x)
-        losses_BxS = loss_lib.token_losses(logits, ts[:, :size].reshape(x.shape[:2]))
-        losses_BxS = losses_BxS.reshape(-1, size)
-        return (cs[:, :size] * losses_BxS).sum(), losses_BxS
-
-      (value, losses_BxS), (d_tail, d_xs) = jax.value_and_grad(
-          share, argnums=(0, 1), has_aux=True)(tail_params, xs[:, :size])
-      return value, _pad_rows(losses_BxS, T), d_tail, _pad_rows(d_xs, T)
+      value, losses, d_tail, d_xs = _pieces(graph, chunk, tail_params, rest_params,
+                                            xs[:, :size], cs[:, :size], ts[:, :size])
+      return value, _pad_rows(losses, T), d_tail, _pad_rows(d_xs, T)
 
     return run
 
+  if sizes == (T,):  # no buckets: every position, in its own order
+    value, losses, d_tail, d_x = _pieces(graph, chunk, tail_params, rest_params, x_BxTxD,
+                                         coef_BxT, targets_BxT)
+    return (value, losses), (d_tail, d_x)
+  order_BxT = jnp.argsort(~need_BxT, axis=1, stable=True)  # positions with loss first
+  inverse_BxT = jnp.argsort(order_BxT, axis=1)
+  xs, cs, ts = (_take_rows(a, order_BxT) for a in (x_BxTxD, coef_BxT, targets_BxT))
   index = jnp.searchsorted(jnp.asarray(sizes), need_BxT.sum(axis=1).max())  # first size >= it
   value, losses, d_tail, d_xs = jax.lax.switch(
       index, [branch(s) for s in sizes], tail_params, rest_params, xs, cs, ts)
   return (value, _take_rows(losses, inverse_BxT)), (d_tail, _take_rows(d_xs, inverse_BxT))
 
 
-def _tail_bwd(graph, sizes, saved, cotangents):
-  del graph, sizes
+def _tail_bwd(graph, sizes, chunk, saved, cotangents):
+  del graph, sizes, chunk
   d_tail, d_x = saved
   g = cotangents[0]  # the losses output is only ever seen through stop_gradient
   scale = lambda d: (g * d).astype(d.dtype)
@@ -114,10 +161,12 @@ _tail.defvjp(_tail_fwd, _tail_bwd)
 
 
 def supervised_share(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, coef_BxT: jax.Array,
-                     buckets: int) -> tuple[jax.Array, jax.Array]:
-  """(sum of coef * token loss, the token losses [B,T] without gradient), running the model's
-  tail only on the positions whose loss_weight is positive. A loss is only meaningful where
-  loss_weight > 0 (elsewhere it is 0 or the loss of a position that filled a bucket)."""
+                     buckets: int, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(sum of coef * token loss, the token losses [B,T] without gradient), the tail's gradient
+  taken in the forward pass. `buckets` > 0: the tail runs only on the positions whose
+  loss_weight is positive (a loss is only meaningful there; elsewhere it is 0 or the loss of
+  a position that filled a bucket); 0: on every position. `chunk` > 0: in pieces of that
+  many positions (`train.loss_chunk`)."""
   model = nnx.merge(graphdef, params)
   x_BxTxD = model.trunk(batch["tokens"], batch["positions"], batch["segment_ids"])
   (B, T), shards = x_BxTxD.shape[:2], sharding.batch_shards()
@@ -130,7 +179,24 @@ def supervised_share(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, coe
     return sharding.constrain(a, ("batch", None, "embed_act")[:a.ndim])
 
   graph, tail_params, rest_params = nnx.split(model, model.tail_filter(), nnx.Param)
-  value, losses = _tail(graph, bucket_sizes((B // G) * T, buckets), tail_params, rest_params,
-                        grouped(x_BxTxD), grouped(batch["loss_weight"] > 0), grouped(coef_BxT),
+  N = (B // G) * T
+  sizes = bucket_sizes(N, buckets) if buckets else (N,)
+  value, losses = _tail(graph, sizes, chunk, tail_params, rest_params, grouped(x_BxTxD), grouped(batch["loss_weight"] > 0), grouped(coef_BxT),
                         grouped(batch["targets"]))
   return value, jax.lax.stop_gradient(losses.reshape(B, T))
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
+                 chunk: int) -> jax.Array:
+  """Per-token cross-entropy [B,T] (forward only: evaluation), the tail run in pieces of
+  `chunk` positions along each row, so only one piece's logits exist at a time."""
+  model = nnx.merge(graphdef, params)
+  x_BxTxD = model.trunk(batch["tokens"], batch["positions"], batch["segment_ids"])
+
+  def piece(_, operands):
+    x_BxCxD, t_BxC = operands
+    return None, loss_lib.token_losses(model.tail(x_BxCxD), t_BxC)
+
+  _, losses = jax.lax.scan(piece, None, (split_pieces(x_BxTxD, chunk),
+                                         split_pieces(batch["targets"], chunk)))
+  return merge_pieces(losses, x_BxTxD.shape[1])

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   help="train.tail_buckets (default: the config's, -1 = 0 on GPU/TPU); 0 = the "
                        "tail on every position (how the H200 figures in BENCHMARKS.md were "
                        "measured)")
+  ap.add_argument("--loss-chunk", type=int, default=0,
+                  help="train.loss_chunk: positions per piece of the LM head and cross-entropy "
+                       "(0 = all at once, how the H200 figures in BENCHMARKS.md were measured)")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   ap.add_argument("--budget-s", type=float, default=460.0,
@@ -107,7 +110,7 @@ def peak_memory_bytes() -> int | None:
 
 def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_len: int,
             steps: int, warmup: int, profile: bool = False,
-            tail_buckets: int | None = None) -> dict:
+            tail_buckets: int | None = None, loss_chunk: int = 0) -> dict:
   """One configuration, in this process: compile, warm up, time `steps` steps."""
   import jax
   from flax import nnx
@@ -121,7 +124,7 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
   train = TrainConfig(batch_size=batch_per_device * ndev, seq_len=seq_len)
   if tail_buckets is not None:
     train = dataclasses.replace(train, tail_buckets=tail_buckets)
-  cfg = Config(train=train)
+  cfg = Config(train=dataclasses.replace(train, loss_chunk=loss_chunk))
   mesh = sharding.make_mesh(cfg.mesh)
   total = warmup + steps
   tx = optim.make_optimizer(cfg.train, total)
@@ -236,7 +239,7 @@ def child(spec: dict) -> None:
     try:
       out = measure(spec["model"], spec["remat"], spec["attention"], batch, spec["seq_len"],
                     spec["steps"], spec["warmup"], spec.get("profile", False),
-                    spec.get("tail_buckets"))
+                    spec.get("tail_buckets"), spec.get("loss_chunk", 0))
       break
     except Exception as e:  # noqa: BLE001 - any failure is reported, the parent continues
       if not is_oom(e) or batch == 1 or batch < spec["batch_per_device"]:
@@ -269,7 +272,7 @@ def configs(args: argparse.Namespace, device: dict) -> list[dict]:
   return [{"model": m, "attention": a, "remat": r == "on", "seq_len": args.seq_len,
            "batch_per_device": args.batch_size or DEFAULT_BATCH.get(m, 4),
            "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
-           "tail_buckets": args.tail_buckets}
+           "tail_buckets": args.tail_buckets, "loss_chunk": args.loss_chunk}
           for a in attention for m in order for r in args.remat]
 
 
