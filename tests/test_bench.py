@@ -238,8 +238,18 @@ def test_generate_smoke():
   assert r["greedy_rows_identical"] == 1.0 and r["ratio"] > 0
 
 
+def test_memory_smoke():
+  """tools/bench/memory.py at the tiny preset: pieces of the loss need less scratch memory."""
+  res = _run("memory.py", "--model", "tiny", "--seq-len", "256", "--batch-size", "2",
+             "--loss-chunk", "0", "64", "--dtype", "float32", "--remat", "off")
+  whole, pieces = res["results"]
+  assert (whole["loss_chunk"], pieces["loss_chunk"]) == (0, 64)
+  assert pieces["temp_bytes"] < whole["temp_bytes"]
+  assert pieces["argument_bytes"] == whole["argument_bytes"] > 0
+
+
 @pytest.mark.parametrize("script", ["train_vs_reference.py", "accelerator.py", "data.py",
-                                    "generate.py"])
+                                    "generate.py", "memory.py"])
 def test_help_names_the_command(script):
   proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                         text=True, timeout=120, cwd=REPO)
