@@ -41,6 +41,7 @@ def test_dumped_yaml_reads_back_to_the_same_config():
     ("data.train=[{adapter: star}]", "missing required config key(s): data.train[0].path"),
     ("mesh.fsdp=0", "mesh.fsdp: 0 is not allowed"),
     ("train.tail_buckets=-2", "train.tail_buckets: -2 is not allowed; expected a number >= 0, or -1"),
+    ("train.loss_chunk=-1", "train.loss_chunk: -1 is not allowed; expected a number >= 0"),
     ("data.prefetch_batches=-3", "data.prefetch_batches: -3 is not allowed; expected a number >= 0"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 is not allowed; expected a ratio in [0, 1)"),
     ("checkpoint=5", "checkpoint: expected a mapping of CheckpointConfig fields"),

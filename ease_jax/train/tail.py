@@ -1,4 +1,5 @@
-"""The loss tail on only the positions that carry loss (`train.tail_buckets`).
+"""The loss tail on only the positions that carry loss (`train.tail_buckets`), or in pieces
+(`train.loss_chunk`).
 
 `Decoder.tail` (the last block's MLP half, the final norm, the output projection) and the
 cross-entropy work on each position alone, so positions without loss (prompts, padding) need
@@ -17,6 +18,10 @@ cotangent. The per-token losses come back without a gradient (they feed metrics)
 Measured on the CPU benchmark (tools/bench/train_vs_reference.py, ~69% of the packed positions
 carry loss): see BENCHMARKS.md. It also never holds logits for the positions the smallest
 bucket leaves out.
+
+With `train.loss_chunk` the tail runs in a `lax.scan` over pieces of that many positions
+(inside the chosen bucket, or over every position without buckets), each piece's gradient
+taken as it goes, so the logits of only one piece exist at a time: for large vocabularies.
 """
 
 from __future__ import annotations
@@ -181,13 +186,14 @@ def supervised_share(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, coe
   graph, tail_params, rest_params = nnx.split(model, model.tail_filter(), nnx.Param)
   N = (B // G) * T
   sizes = bucket_sizes(N, buckets) if buckets else (N,)
-  value, losses = _tail(graph, sizes, chunk, tail_params, rest_params, grouped(x_BxTxD), grouped(batch["loss_weight"] > 0), grouped(coef_BxT),
+  value, losses = _tail(graph, sizes, chunk, tail_params, rest_params, grouped(x_BxTxD),
+                        grouped(batch["loss_weight"] > 0), grouped(coef_BxT),
                         grouped(batch["targets"]))
   return value, jax.lax.stop_gradient(losses.reshape(B, T))
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
-                 chunk: int) -> jax.Array:
+def losses_in_pieces(graphdef: nnx.GraphDef, params: nnx.State, batch: dict,
+                     chunk: int) -> jax.Array:
   """Per-token cross-entropy [B,T] (forward only: evaluation), the tail run in pieces of
   `chunk` positions along each row, so only one piece's logits exist at a time."""
   model = nnx.merge(graphdef, params)
