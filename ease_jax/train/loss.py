@@ -92,7 +92,11 @@ def loss_sums(logits_BxTxV: jax.Array, batch: dict, loss_cfg: LossConfig) -> Sum
   token mean), num|den/gate (unweighted gate cross-entropy), count/{supervised,
   reasoning,refusal,direct,gate} (int32 supervised-token counts).
   """
-  losses_BxT = token_losses(logits_BxTxV, batch["targets"])
+  return sums_of_losses(token_losses(logits_BxTxV, batch["targets"]), batch, loss_cfg)
+
+
+def sums_of_losses(losses_BxT: jax.Array, batch: dict, loss_cfg: LossConfig) -> Sums:
+  """`loss_sums` from per-token losses already computed (e.g. in pieces)."""
   return numerator_sums(losses_BxT, batch, loss_cfg) | weight_sums(batch, loss_cfg)
 
 

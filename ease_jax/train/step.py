@@ -127,8 +127,7 @@ def eval_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
   `loss_chunk` > 0: the logits in pieces of that many positions per row."""
   if loss_chunk:
     losses_BxT = tail_lib.losses_in_pieces(graphdef, state.params, batch, loss_chunk)
-    return loss_lib.numerator_sums(losses_BxT, batch, loss_cfg) | loss_lib.weight_sums(
-        batch, loss_cfg)
+    return loss_lib.sums_of_losses(losses_BxT, batch, loss_cfg)
   return loss_lib.loss_sums(_logits(graphdef, state.params, batch), batch, loss_cfg)
 
 

@@ -132,6 +132,10 @@ def _tail(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, coef
 def _tail_fwd(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, coef_BxT,
               targets_BxT):
   T = x_BxTxD.shape[1]
+  if sizes == (T,):  # no buckets: every position, in its own order
+    value, losses, d_tail, d_x = _pieces(graph, chunk, tail_params, rest_params, x_BxTxD,
+                                         coef_BxT, targets_BxT)
+    return (value, losses), (d_tail, d_x)
 
   def branch(size: int):
     def run(tail_params, rest_params, xs, cs, ts):
@@ -141,10 +145,6 @@ def _tail_fwd(graph, sizes, chunk, tail_params, rest_params, x_BxTxD, need_BxT, 
 
     return run
 
-  if sizes == (T,):  # no buckets: every position, in its own order
-    value, losses, d_tail, d_x = _pieces(graph, chunk, tail_params, rest_params, x_BxTxD,
-                                         coef_BxT, targets_BxT)
-    return (value, losses), (d_tail, d_x)
   order_BxT = jnp.argsort(~need_BxT, axis=1, stable=True)  # positions with loss first
   inverse_BxT = jnp.argsort(order_BxT, axis=1)
   xs, cs, ts = (_take_rows(a, order_BxT) for a in (x_BxTxD, coef_BxT, targets_BxT))
