@@ -6,7 +6,7 @@
 # Every worker runs the same `python launch/train.py ...`; on a TPU VM, train.py
 # calls jax.distributed.initialize() itself (the TPU environment names the
 # coordinator), so no per-worker flags are needed. With --setup, each worker
-# first clones (or updates) the repository and installs it with pip.
+# first clones (or updates) the repository and installs it with `pip install -e ".[tpu]"`.
 #
 # Environment:
 #   EASE_REPO     git URL to clone           (default: this checkout's `origin`)
@@ -43,7 +43,7 @@ ARGS=$(printf ' %q' "$@")
 SETUP_CMD=""
 if [[ $SETUP == 1 ]]; then
   [[ -n $REPO ]] || { echo "error: set EASE_REPO to the git URL to clone" >&2; exit 2; }
-  SETUP_CMD="set -e; if [ -d $DIR/.git ]; then git -C $DIR fetch -q origin && git -C $DIR checkout -q $REF && git -C $DIR pull -q --ff-only || true; else git clone -q $REPO $DIR && git -C $DIR checkout -q $REF; fi; python3 -m pip install -q -U 'jax[tpu]' -e $DIR;"
+  SETUP_CMD="set -e; if [ -d $DIR/.git ]; then git -C $DIR fetch -q origin && git -C $DIR checkout -q $REF && git -C $DIR pull -q --ff-only || true; else git clone -q $REPO $DIR && git -C $DIR checkout -q $REF; fi; cd $DIR && python3 -m pip install -q -U -e '.[tpu]';"
 fi
 # nohup + log file: the run survives the ssh session ending; tail the log to watch it.
 RUN_CMD="cd $DIR && nohup python3 launch/train.py$ARGS > $LOG 2>&1 &"

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Checks an installation: every module of the package imports, every tool answers --help.
+
+  python tools/check_install.py
+
+Run it after `pip install -e .` (the base install, no extras): a module or tool that needs a
+package missing from the project's declared dependencies fails here, naming the module or the
+tool and the import that failed. Exit 0 when everything passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout
+  sys.path.insert(0, str(ROOT))
+
+import ease_jax  # noqa: E402  (after the path set-up above)
+
+
+def package_modules() -> list[str]:
+  """Every module and subpackage of ease_jax, by dotted name."""
+  names = ["ease_jax"]
+  for info in pkgutil.walk_packages(ease_jax.__path__, prefix="ease_jax."):
+    names.append(info.name)
+  return sorted(names)
+
+
+def tool_scripts() -> list[Path]:
+  """The command-line entry points: launch/train.py and every script under tools/."""
+  scripts = [ROOT / "launch" / "train.py"]
+  scripts += sorted(p for p in (ROOT / "tools").rglob("*.py")
+                    if p.name not in ("__init__.py", "common.py") and p.name != Path(__file__).name)
+  return scripts
+
+
+def check_imports() -> list[str]:
+  """Imports each module; returns one failure line per module that does not import."""
+  failures = []
+  for name in package_modules():
+    try:
+      importlib.import_module(name)
+    except Exception as e:  # any import-time failure is what this check reports
+      last = traceback.format_exception_only(type(e), e)[-1].strip()
+      failures.append(f"import {name}: {last}")
+  return failures
+
+
+def is_helper_module(path: Path) -> bool:
+  """A module under tools/ that other tools import, with no command line of its own."""
+  return "__main__" not in path.read_text()
+
+
+def check_help(timeout: float = 300) -> list[str]:
+  """Runs every tool with --help; returns one failure line per tool that does not exit 0."""
+  failures = []
+  for script in tool_scripts():
+    if is_helper_module(script):
+      continue
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+      failures.append(f"{script.relative_to(ROOT)} --help: exit {proc.returncode}: {tail}")
+  return failures
+
+
+def main() -> int:
+  modules, tools = package_modules(), [s for s in tool_scripts() if not is_helper_module(s)]
+  failures = check_imports() + check_help()
+  for line in failures:
+    print(f"FAIL {line}", file=sys.stderr)
+  print(f"{len(modules)} modules imported, {len(tools)} tools answered --help: "
+        f"{'all passed' if not failures else f'{len(failures)} failed'}")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
