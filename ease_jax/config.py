@@ -30,7 +30,7 @@ class SourceConfig:
   path: str  # a file, a `datasets` directory, or a `load_dataset` name (format: hf)
   weight: float = 1.0  # relative share of this source in the training mix
   name: str = ""  # shown in metrics and reports; defaults to the file stem
-  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"  # auto: by suffix
+  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"  # auto: by suffix; a directory is disk
   split: str = "train"  # for `datasets` directories and `load_dataset`
   target_type: str = ""  # override the adapter's target type (reasoning|refusal|direct)
   max_rows: int = 0  # 0 = all rows
