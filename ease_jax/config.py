@@ -25,11 +25,12 @@ DType = Literal["float32", "bfloat16", "float16"]
 @dataclass(frozen=True)
 class SourceConfig:
   """One data source: an adapter over a file, a directory or a `datasets` name."""
+  # How rows map onto a Record: the public dataset layouts (README, "Data").
   adapter: Literal["star", "ease10k", "wildjailbreak", "prompt_response", "messages"]
-  path: str
-  weight: float = 1.0
+  path: str  # a file, a `datasets` directory, or a `load_dataset` name (format: hf)
+  weight: float = 1.0  # relative share of this source in the training mix
   name: str = ""  # shown in metrics and reports; defaults to the file stem
-  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"
+  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"  # auto: by suffix; a directory is disk
   split: str = "train"  # for `datasets` directories and `load_dataset`
   target_type: str = ""  # override the adapter's target type (reasoning|refusal|direct)
   max_rows: int = 0  # 0 = all rows
@@ -38,15 +39,15 @@ class SourceConfig:
 @dataclass(frozen=True)
 class DataConfig:
   """Sources and how records become token rows."""
-  train: tuple[SourceConfig, ...] = ()
-  eval: tuple[SourceConfig, ...] = ()
+  train: tuple[SourceConfig, ...] = ()  # training sources, mixed by weight
+  eval: tuple[SourceConfig, ...] = ()  # evaluation sources, one pass in order
   tokenizer: str = ""  # HF tokenizer directory; "" = the model's, else the bundled demo tokenizer
   chat_template: str = ""  # a Jinja file that replaces the tokenizer's template for training
   system_prompt: str = ""  # prepended as a system turn when non-empty
   empty_think: bool = False  # render direct/refusal targets with an empty think block
-  overlong: Literal["drop", "error"] = "drop"
-  on_bad_record: Literal["error", "skip"] = "error"
-  shuffle: bool = True
+  overlong: Literal["drop", "error"] = "drop"  # examples over train.seq_len: drop (counted) or stop
+  on_bad_record: Literal["error", "skip"] = "error"  # a bad row stops the run, or is skipped
+  shuffle: bool = True  # reshuffle training records every epoch
   worker_count: int = 0  # grain worker processes; 0 = in-process
   # Batches a background thread renders and packs ahead of the loop (worker_count=0 only):
   # -1 = one packing round (PACKING_BINS rows), 0 = none (the loop's thread does the work).
@@ -57,24 +58,24 @@ class DataConfig:
 class ModelConfig:
   """Where the weights come from and how they are computed."""
   init_from: str = "scratch:tiny"  # hf:PATH | ckpt:RUN_DIR[@STEP] | scratch:PRESET
-  param_dtype: DType = "float32"
-  compute_dtype: DType = "float32"
+  param_dtype: DType = "float32"  # weights and optimizer state
+  compute_dtype: DType = "float32"  # activations and matrix products (bfloat16: mixed precision)
   # cudnn: NVIDIA GPUs (cuDNN flash attention; 1.7x the step rate of xla on an H200,
   # BENCHMARKS.md); splash: TPUs (Pallas splash kernel on segment ids, O(T) memory; its
   # speed is unmeasured); xla: TPUs and CPUs (blockwise on CPU).
   attention: Literal["xla", "cudnn", "splash"] = "xla"
-  remat: bool = False
+  remat: bool = False  # recompute each block's activations in the backward pass (less memory)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
   """Optimisation and the loop."""
   steps: int = 0  # 0 = derive from epochs
-  epochs: float = 1.0
-  seed: int = 0
+  epochs: float = 1.0  # used when steps is 0
+  seed: int = 0  # data order and initialisation
   batch_size: int = 8  # sequences per step, global
-  seq_len: int = 512
-  grad_accum: int = 1
+  seq_len: int = 512  # tokens per packed row
+  grad_accum: int = 1  # micro-batches per step (the same result, less memory)
   # Optimizer steps per compiled call (a lax.scan over that many batches): fewer dispatches,
   # and on XLA:CPU the step's scratch memory is mapped once per call, not once per step.
   steps_per_call: int = 1
@@ -86,58 +87,58 @@ class TrainConfig:
   # the float32 logits (and their gradient) of one piece of each batch shard, not of all
   # B x T positions; for large vocabularies (Qwen2.5: 151,936). 0 = all at once.
   loss_chunk: int = 0
-  lr: float = 1e-5
-  warmup_ratio: float = 0.03
-  min_lr_ratio: float = 0.0
-  weight_decay: float = 0.01
-  clip_norm: float = 1.0
-  adam_b1: float = 0.9
-  adam_b2: float = 0.999
-  adam_eps: float = 1e-8
+  lr: float = 1e-5  # peak learning rate (linear warmup, then cosine decay)
+  warmup_ratio: float = 0.03  # fraction of the steps spent warming up
+  min_lr_ratio: float = 0.0  # the cosine ends at lr x this
+  weight_decay: float = 0.01  # AdamW decay; norms and biases are not decayed
+  clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
+  adam_b1: float = 0.9  # AdamW beta1
+  adam_b2: float = 0.999  # AdamW beta2
+  adam_eps: float = 1e-8  # AdamW epsilon
   trainable: str = ".*"  # regex over parameter paths; others stay frozen
   eval_every: int = 0  # 0 = only at the end
-  log_every: int = 1
-  skip_nonfinite_steps: bool = False
+  log_every: int = 1  # steps between metric writes
+  skip_nonfinite_steps: bool = False  # skip NaN/Inf steps (counted) instead of stopping
 
 
 @dataclass(frozen=True)
 class ObjectiveWeights:
   """w_k of the mixed objective."""
-  reasoning: float = 1.0
-  refusal: float = 1.0
-  direct: float = 1.0
+  reasoning: float = 1.0  # reasoning targets (think, then answer)
+  refusal: float = 1.0  # direct refusals
+  direct: float = 1.0  # direct answers
 
 
 @dataclass(frozen=True)
 class SpanWeights:
   """a_s of the mixed objective; gate is the first assistant token."""
-  think: float = 1.0
-  answer: float = 1.0
-  gate: float = 1.0
+  think: float = 1.0  # tokens inside the think block
+  answer: float = 1.0  # tokens of the answer, end of turn included
+  gate: float = 1.0  # the first assistant token: `<think>` or the first answer token
 
 
 @dataclass(frozen=True)
 class LossConfig:
-  """The mixed objective (see DESIGN.md)."""
+  """The mixed objective (see docs/design.md)."""
   objective_weights: ObjectiveWeights = ObjectiveWeights()
   span_weights: SpanWeights = SpanWeights()
-  normalize: Literal["objective", "token"] = "objective"
+  normalize: Literal["objective", "token"] = "objective"  # token: the plain token-mean SFT loss
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
   """Orbax checkpointing."""
-  every: int = 100
-  keep: int = 3
-  async_save: bool = True
+  every: int = 100  # steps between checkpoints (and one at the end)
+  keep: int = 3  # newest checkpoints kept
+  async_save: bool = True  # write in the background while training continues
 
 
 @dataclass(frozen=True)
 class MeshConfig:
   """Device mesh sizes; -1 on one axis takes the remaining devices."""
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
+  data: int = 1  # pure data parallel
+  fsdp: int = -1  # data parallel with parameters and optimizer state sharded
+  tensor: int = 1  # heads, MLP and vocabulary split
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,14 @@ class BehaviorConfig:
   """Selective-reasoning evaluation by generation inside training (see ease_jax.evaluate)."""
   file: str = ""  # eval records with a `class` label; "" = off
   every: int = 0  # every N steps and at the end; 0 = only at the end (when `file` is set)
-  max_new_tokens: int = 256
-  batch_size: int = 16
+  max_new_tokens: int = 256  # greedy decoding budget per prompt
+  batch_size: int = 16  # prompts generated together
 
 
 @dataclass(frozen=True)
 class Config:
   """The whole run."""
-  run_dir: str = "runs/demo"
+  run_dir: str = "runs/demo"  # checkpoints, metrics, config.yaml, tokenizer; a local or gs:// path
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()

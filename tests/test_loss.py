@@ -32,7 +32,7 @@ def hand_batch():
 
 
 def numpy_loss(logits, batch, w, a, normalize="objective"):
-  """The DESIGN.md formula with explicit loops over tokens."""
+  """The docs/design.md formula with explicit loops over tokens."""
   num, den = np.zeros(3), np.zeros(3)
   tok_num = tok_den = 0.0
   for b in range(logits.shape[0]):

@@ -4,7 +4,7 @@ The suite's time goes mostly to XLA:CPU compiling small programs that then run f
 milliseconds, so tests compile with LLVM's cheap settings: `--xla_backend_optimization_level=0`
 and no expensive LLVM passes. The HLO passes (fusion, layout, the program's semantics) are
 unchanged; only the generated machine code is less optimized. One tiny train step compiled
-in 2.3-3.1 s instead of 4.6-5.7 s on the 2-core AMD guest; tests/test_evaluate.py with
+in 2.3-3.1 s instead of 4.6-5.7 s on a 2-core AMD EPYC CPU VM; tests/test_evaluate.py with
 tests/test_loop.py ran in 173 s instead of 240 s. Benchmarks and users never set these.
 """
 

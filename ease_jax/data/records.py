@@ -109,7 +109,7 @@ def split_think(text: str, key: str = "response") -> tuple[str | None, str]:
 
 def make_record(messages: list[tuple[str, str]], response: str, target_type: str,
                 reasoning: str | None, **meta: str) -> Record:
-  """Builds a Record and checks the rules of DESIGN.md (raises DataError naming the field)."""
+  """Builds a Record and checks the rules of docs/design.md (raises DataError naming the field)."""
   if target_type not in OBJECTIVES:
     raise DataError(f"unknown target_type {target_type!r}; expected one of {', '.join(OBJECTIVES)}",
                     field="target_type")

@@ -1,4 +1,4 @@
-"""The EASE mixed objective as accumulable sums (see DESIGN.md, "The mixed objective").
+"""The EASE mixed objective as accumulable sums (see docs/design.md, "The mixed objective").
 
 Per token t: cross-entropy l_t, loss weight m_t, objective k(t), span s(t).
 
