@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ease_jax.config import SourceConfig
+from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows
-from ease_jax.data.records import ADAPTERS, ROLES, _str
+from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str
 from ease_jax.errors import DataError, UserError
 from ease_jax.judges import Judge, Verdict
 
@@ -101,7 +102,7 @@ def detect_adapter(path: str) -> str:
   first = next((row for _, row in read_rows(src) if isinstance(row, dict)), None)
   if first is None:
     raise DataError("no rows", path=path)
-  found = next((a for key, a in _DETECT if key in first), None)
+  found = detect_benchmark(first) or next((a for key, a in _DETECT if key in first), None)
   if found is None:
     raise DataError(f"cannot tell the format from the fields {sorted(first)}; pass --adapter",
                     path=path)
@@ -117,9 +118,12 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
   """
   adapter = detect_adapter(path) if adapter == "auto" else adapter
   adapter = "" if adapter == "prompts" else adapter
+  if adapter in EVAL_ADAPTERS:  # a safety benchmark: its class is the prompt's category
+    pairs = load_eval_prompts(SourceConfig(adapter=adapter, path=path, max_rows=max_rows))
+    return [Prompt(r.messages, r.id, r.category or cls, r.where) for r, cls in pairs]
   if adapter and adapter not in ADAPTERS:
     raise UserError(f"unknown adapter {adapter!r}; expected auto, prompts or one of "
-                    f"{', '.join(ADAPTERS)}")
+                    f"{', '.join((*ADAPTERS, *EVAL_ADAPTERS))}")
   out = []
   for loc, row in read_rows(SourceConfig(adapter=adapter or "prompt_response", path=path)):
     if max_rows and len(out) >= max_rows:
@@ -132,7 +136,7 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
         messages, extra, category = rec.messages, {}, rec.category
       else:
         messages, extra = _plain_prompt(row, keep)
-        category = _str(row, "category", required=False) or ""
+        category = meta_str(row, "category")
       rid = row.get("id")
       out.append(Prompt(messages, "" if rid is None else str(rid), category, str(loc),
                         tuple(extra.items())))
