@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows
-from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str
+from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
 from ease_jax.errors import DataError, UserError
 from ease_jax.judges import Judge, Verdict
 
@@ -132,7 +132,10 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
     try:
       if isinstance(row, DataError):
         raise row
-      if adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
+      if adapter.startswith("wildjailbreak"):  # the diagnosis pool: prompts, answers unused
+        prompt, category = wildjailbreak_prompt(row)
+        messages, extra = (("user", prompt),), {}
+      elif adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
         rec = ADAPTERS[adapter](row, "reasoning" if _has_think(row) else "direct")
         messages, extra, category = rec.messages, {}, rec.category
       else:

@@ -119,9 +119,11 @@ def test_wildjailbreak_adversarial_harmful_is_not_refusal_data_by_default(tmp_pa
   forced = load_records(SourceConfig(adapter="wildjailbreak", path=str(path),
                                      target_type="refusal"))
   assert len(forced) == 4
-  # As a diagnosis pool the adversarial prompts are read as prompts, whatever their answers.
-  prompts = stages.read_prompts(str(path), "auto")
-  assert [p.category for p in prompts][2] == "adversarial_harmful"
+  # As a diagnosis pool the rows are read as prompts; their completions are not needed.
+  rows = [r[:3] + [""] + r[4:] for r in WJ_ROWS]
+  prompts = stages.read_prompts(str(write_tsv(tmp_path / "pool.tsv", WJ_HEADER, rows)), "auto")
+  assert [(p.prompt, p.category) for p in prompts][2] == (WJ_ROWS[2][1], "adversarial_harmful")
+  assert [p.where.rsplit(":", 1)[1] for p in prompts] == ["2", "3", "4", "6"]
 
 
 @pytest.mark.parametrize("text,line,what", [

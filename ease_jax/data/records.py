@@ -180,16 +180,20 @@ def _wj_type(row: dict) -> str:
   return data_type
 
 
-def _wj_record(row: dict, target: str, adversarial_target: str, **meta: str) -> Record:
+def wildjailbreak_prompt(row: dict) -> tuple[str, str]:
+  """(prompt, data_type) of a WildJailbreak row, its completion not needed: the diagnosis pool."""
   data_type = _wj_type(row)
+  return _str(row, "adversarial" if data_type.startswith("adversarial") else "vanilla"), data_type
+
+
+def _wj_record(row: dict, target: str, adversarial_target: str, **meta: str) -> Record:
+  prompt, data_type = wildjailbreak_prompt(row)
   default = _WJ_TYPES[data_type] or adversarial_target
   if not (target or default):
     raise DataError("adversarial_harmful rows are EASE's diagnosis pool (tools/diagnose.py), not "
                     "refusal training data; to train them as direct refusals on purpose use "
                     "adapter 'wildjailbreak_refuse_adversarial' (or set the source's "
                     "target_type)", field="data_type")
-  key = "adversarial" if data_type.startswith("adversarial") else "vanilla"
-  prompt = _str(row, key)
   reasoning, answer = split_think(_str(row, "completion"), "completion")
   return make_record([("user", prompt)], answer, target or default, reasoning,
                      category=data_type, **meta)
