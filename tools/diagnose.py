@@ -3,7 +3,7 @@
   # as the reference recipe: the ORIGINAL student (before any EASE training) answers 1,000
   # adversarial-harmful and 1,000 adversarial-benign WildJailbreak prompts, sampled
   # (temperature 0.7, top_p 1.0, 512 new tokens, seed 42); Llama-Guard-3 judges
-  python tools/diagnose.py --prompts data/wildjailbreak/train.tsv \\
+  python tools/diagnose.py --prompts data/wildjailbreak/train/train.tsv \\
       --categories adversarial_harmful adversarial_benign --per_category 1000 \\
       --model models/Qwen2.5-1.5B-Instruct --judge llama_guard:/models/Llama-Guard-3-8B \\
       --out runs/diagnose
@@ -36,7 +36,7 @@ from ease_jax.errors import UserError  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--prompts", default="", help="prompt file (JSONL, JSON, Parquet, datasets)")
+  ap.add_argument("--prompts", default="", help="prompt file (JSONL, JSON, CSV/TSV, Parquet, datasets)")
   ap.add_argument("--adapter", default="auto",
                   help="--prompts format: auto | prompts (plain rows) | a Record adapter")
   ap.add_argument("--model", default="", help="RUN_DIR[@STEP] or HF_DIR of the student")
