@@ -25,12 +25,14 @@ DType = Literal["float32", "bfloat16", "float16"]
 @dataclass(frozen=True)
 class SourceConfig:
   """One data source: an adapter over a file, a directory or a `datasets` name."""
-  # How rows map onto a Record: the public dataset layouts (README, "Data").
-  adapter: Literal["star", "ease10k", "wildjailbreak", "prompt_response", "messages"]
+  # How rows map onto a Record: the public dataset layouts (docs/datasets.md).
+  adapter: Literal["star", "ease10k", "wildjailbreak", "wildjailbreak_refuse_adversarial",
+                   "prompt_response", "messages"]
   path: str  # a file, a `datasets` directory, or a `load_dataset` name (format: hf)
   weight: float = 1.0  # relative share of this source in the training mix
   name: str = ""  # shown in metrics and reports; defaults to the file stem
-  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"  # auto: by suffix; a directory is disk
+  # auto: by suffix (.jsonl .json .csv .tsv .parquet); a directory is disk
+  format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "disk", "hf"] = "auto"
   split: str = "train"  # for `datasets` directories and `load_dataset`
   target_type: str = ""  # override the adapter's target type (reasoning|refusal|direct)
   max_rows: int = 0  # 0 = all rows

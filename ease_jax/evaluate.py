@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ease_jax.config import SourceConfig
+from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records
 from ease_jax.errors import DataError
@@ -48,7 +49,11 @@ class Outcome:
 
 
 def read_eval_file(path: str, adapter: str = "prompt_response") -> list[EvalItem]:
-  """Records of an eval file plus each row's required `class` label."""
+  """Records of an eval file plus each row's required `class` label (a safety benchmark's
+  adapter derives the class: ease_jax.data.benchmarks)."""
+  bench = benchmark_adapter(path, adapter)
+  if bench:
+    return [EvalItem(r, c) for r, c in load_eval_prompts(SourceConfig(adapter=bench, path=path))]
   src = SourceConfig(adapter=adapter, path=path)
   classes = []
   for loc, row in read_rows(src):
