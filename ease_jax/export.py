@@ -9,10 +9,8 @@ sibling directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -21,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ease_jax import export_dir
 from ease_jax.errors import UserError
 from ease_jax.hf import FAMILY_ARCH, param_shapes, path_str, to_hf, weight_table
 from ease_jax.models import Decoder, DecoderConfig
@@ -147,37 +146,46 @@ def _check_shapes(model: Decoder, cfg: DecoderConfig) -> None:
 
 def save_pretrained(model: Decoder, cfg: DecoderConfig, out_dir: str | Path, tokenizer: Any = None,
                     dtype: str = "bfloat16", overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-  """Writes an HF directory (weights, config.json, tokenizer, generation_config.json)."""
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, protect: tuple = ()) -> Path:
+  """Writes an HF directory (weights, config.json, tokenizer, generation_config.json).
+
+  `overwrite` replaces only a previous export (see ease_jax/export_dir.py); `protect` names
+  paths (e.g. the checkpoint's run directory) that `out_dir` must never contain.
+  """
   out = Path(out_dir)
   if dtype not in _ST_DTYPES:
     raise UserError(f"export dtype {dtype!r} is not supported; choose {', '.join(_ST_DTYPES)}")
   if cfg.family not in FAMILY_ARCH:
     raise UserError(f"cannot export unknown architecture family {cfg.family!r}")
-  if out.exists() and not overwrite:
-    raise UserError(f"{out} already exists; pass --overwrite to replace it")
+  export_dir.check_destination(out, overwrite, protect)
   if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
     raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                     f"{cfg.vocab_size} embedding rows")
   _check_shapes(model, cfg)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  export_dir.clean_stale_partials(out)
+  tmp = export_dir.make_partial(out)
   try:
-    write_weights(model, cfg, tmp, dtype, max_shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2))
-    if tokenizer is not None:
-      _save_tokenizer(tokenizer, tmp)
-      generation = {"bos_token_id": tokenizer.bos_token_id,
-                    "eos_token_id": end_of_sequence_ids(tokenizer),
-                    "pad_token_id": tokenizer.pad_token_id, "do_sample": False}
-      (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
+    _write_all(model, cfg, tmp, tokenizer, dtype, max_shard_bytes)
+    export_dir.write_marker(tmp, (p.name for p in tmp.iterdir()), complete=True)
+    export_dir.replace(tmp, out)
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if export_dir.is_user_io_error(e):
+      raise export_dir.io_error(out, e) from None
     raise
   return out
+
+
+def _write_all(model: Decoder, cfg: DecoderConfig, tmp: Path, tokenizer: Any, dtype: str,
+               max_shard_bytes: int) -> None:
+  write_weights(model, cfg, tmp, dtype, max_shard_bytes)
+  (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2))
+  if tokenizer is not None:
+    _save_tokenizer(tokenizer, tmp)
+    generation = {"bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": end_of_sequence_ids(tokenizer),
+                  "pad_token_id": tokenizer.pad_token_id, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 VERIFY_PROMPTS = ("What is the capital of France?",

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Export a training checkpoint to a Hugging Face directory, optionally verifying parity.
 
-  python tools/export_hf.py --checkpoint runs/demo --out exports/demo [--step N]
+  python tools/export_hf.py --checkpoint RUN_DIR[@STEP] --out exports/demo [--step N]
       [--dtype bfloat16|float16|float32] [--verify] [--overwrite]
+
+--overwrite replaces only a previous export (a directory holding the export's .ease_export.json
+marker and nothing else), never a run directory, the current directory or one of its parents.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ease_jax import checkpoint, export  # noqa: E402
-from ease_jax.errors import run_main  # noqa: E402
+from ease_jax import checkpoint, export, export_dir  # noqa: E402
+from ease_jax.errors import UserError, run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-4
@@ -22,7 +25,7 @@ FLOAT32_TOLERANCE = 1e-4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True, help="a training RUN_DIR")
+  p.add_argument("--checkpoint", required=True, help="a training RUN_DIR, or RUN_DIR@STEP")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--out", required=True, help="output directory (must not exist)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -34,11 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  run_dir = Path(args.checkpoint)
-  model, cfg, step = checkpoint.load_model(run_dir, args.step)
+  run_dir, step = checkpoint.parse_ckpt_spec(args.checkpoint)
+  if step is not None and args.step is not None and step != args.step:
+    raise UserError(f"--checkpoint {args.checkpoint} names step {step} but --step is {args.step}")
+  if not args.max_shard_gb > 0:
+    raise UserError(f"--max_shard_gb must be positive, got {args.max_shard_gb}")
+  protect = (run_dir,)
+  export_dir.check_destination(Path(args.out), args.overwrite, protect)  # before any loading
+  model, cfg, step = checkpoint.load_model(run_dir, step if step is not None else args.step)
   tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
   out = export.save_pretrained(model, cfg, args.out, tokenizer=tokenizer, dtype=args.dtype,
-                               overwrite=args.overwrite,
+                               overwrite=args.overwrite, protect=protect,
                                max_shard_bytes=int(args.max_shard_gb * 1024**3))
   print(f"exported step {step} of {run_dir} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M params, "
         f"{args.dtype}) to {out}")
