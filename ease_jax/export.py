@@ -200,32 +200,73 @@ def rounded(model: Decoder, dtype: str) -> Decoder:
   return nnx.merge(graphdef, state)
 
 
+RELATIVE_TOLERANCE = 1e-5  # max |logit diff| / max |logit|: see docs/export.md
+PROBE_TEXTS = ("I'VE got 3333 apples and 12.5   pears. What is 2024 - 1999?",
+               "<think>\nIs this safe? It's a chemistry question.\n</think>\n\nYes: don't MIX them.",
+               "Ünïcödé naïve café — 你好, мир! 😀\n\n\tTabs,  double  spaces   and\r\nCRLF.",
+               "HTTP/1.1 200 OK; x=3.14159e-10, y=-42, z=1,000,000 (you'll, WE'LL, they'd)")
+
+
+def verify_tokenizer(out_dir: str | Path, tokenizer: Any,
+                     texts: tuple[str, ...] = PROBE_TEXTS) -> list[dict]:
+  """Probe texts through `AutoTokenizer.from_pretrained(out_dir)` vs the run's tokenizer."""
+  import transformers
+
+  exported = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+  results = []
+  for text in texts:
+    ours = tokenizer.encode(text, add_special_tokens=False)
+    theirs = exported.encode(text, add_special_tokens=False)
+    results.append({"text": text, "same": ours == theirs, "tokens": len(ours),
+                    "tokens_exported": len(theirs), "class": type(exported).__name__})
+  return results
+
+
+def _logit_check(ref: np.ndarray, ours: np.ndarray) -> dict:
+  """Relative difference and argmax agreement of two [T, V] logit arrays."""
+  diff = float(np.abs(ours - ref).max())
+  scale = float(np.abs(ref).max())
+  bound = RELATIVE_TOLERANCE * max(scale, 1.0)
+  top2 = np.sort(ref, axis=-1)[:, -2:]
+  decided = (top2[:, 1] - top2[:, 0]) > 2 * bound  # a closer race may flip within the bound
+  flips = int(((ref.argmax(-1) != ours.argmax(-1)) & decided).sum())
+  return {"max_abs_diff": diff, "logit_scale": scale, "bound": bound, "argmax_flips": flips,
+          "argmax_agree": float((ref.argmax(-1) == ours.argmax(-1)).mean()),
+          "ok": diff <= bound and flips == 0}
+
+
 def verify_export(model: Decoder, out_dir: str | Path, tokenizer: Any, dtype: str,
                   prompts: tuple[str, ...] = VERIFY_PROMPTS) -> list[dict]:
   """Logits of the exported directory under transformers (torch, CPU) vs the JAX model.
 
   transformers loads the weights upcast to float32 and the JAX model's parameters are
   rounded to the export dtype the same way, so any difference is an export error, not
-  rounding: the bound is float32's (1e-4) for every dtype. `quantization_diff` reports
-  how far the rounded model is from the unrounded one (information, not a check).
+  rounding. The bound is relative to the logit scale (RELATIVE_TOLERANCE x max |logit|), and
+  the argmax must agree wherever the top two logits are further apart than the bound. The
+  prompts are tokenized by the exported tokenizer (what a user of the export gets).
+  `quantization_diff` reports how far the rounded model is from the unrounded one.
   """
   import torch
   import transformers
 
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(out_dir), dtype=torch.float32).eval()
+  exported_tok = transformers.AutoTokenizer.from_pretrained(str(out_dir))
   same_numerics = rounded(model, dtype)
   results = []
   for prompt in prompts:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
+    ids = exported_tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
     with torch.no_grad():
       ref = hf_model(torch.tensor([ids])).logits[0].float().numpy()
     ours = np.asarray(same_numerics(jnp.asarray([ids], jnp.int32))[0])
     unrounded = np.asarray(model(jnp.asarray([ids], jnp.int32))[0])
-    results.append({"prompt": prompt, "tokens": len(ids),
-                    "max_abs_diff": float(np.abs(ours - ref).max()),
+    check = _logit_check(ref, ours)
+    results.append({"prompt": prompt, "tokens": len(ids), **check,
                     "quantization_diff": float(np.abs(unrounded - ref).max()),
+                    "same_ids_as_run": ids == tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                        tokenize=True, return_dict=False),
                     "next_token_hf": int(ref[-1].argmax()), "next_token_jax": int(ours[-1].argmax())})
   return results
