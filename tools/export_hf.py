@@ -20,14 +20,15 @@ from ease_jax import checkpoint, export, export_dir  # noqa: E402
 from ease_jax.errors import UserError, run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="a training RUN_DIR, or RUN_DIR@STEP")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--out", required=True, help="output directory (must not exist)")
+  p.add_argument("--out", required=True, help="output directory (new, or a previous export with --overwrite)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-  p.add_argument("--verify", action="store_true", help="compare logits with transformers")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--verify", action="store_true", help="compare tokenization and logits with transformers")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous export")
   p.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors file size limit")
   return p.parse_args(argv)
 
