@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -135,6 +136,17 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
       config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
+def _warn_if_tokenization_differs(directory: Path, tokenizer: Any) -> None:
+  """Warns when transformers will load the exported tokenizer with another split than training's
+  (its Qwen2Tokenizer ignores tokenizer.json's pre-tokenizer; see docs/export.md)."""
+  differ = [r for r in verify_tokenizer(directory, tokenizer) if not r["same"]]
+  if differ:
+    warnings.warn(f"transformers loads this export's tokenizer as {differ[0]['class']}, which "
+                  f"tokenizes {len(differ)} probe text(s) differently from the run's tokenizer "
+                  f"(e.g. {differ[0]['text'][:30]!r}: {differ[0]['tokens_exported']} tokens vs "
+                  f"{differ[0]['tokens']}); see docs/export.md", UserWarning, stacklevel=3)
+
+
 def _check_shapes(model: Decoder, cfg: DecoderConfig) -> None:
   want = param_shapes(cfg)
   for p, v in nnx.to_flat_state(nnx.state(model)):
@@ -182,6 +194,7 @@ def _write_all(model: Decoder, cfg: DecoderConfig, tmp: Path, tokenizer: Any, dt
   (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2))
   if tokenizer is not None:
     _save_tokenizer(tokenizer, tmp)
+    _warn_if_tokenization_differs(tmp, tokenizer)
     generation = {"bos_token_id": tokenizer.bos_token_id,
                   "eos_token_id": end_of_sequence_ids(tokenizer),
                   "pad_token_id": tokenizer.pad_token_id, "do_sample": False}

@@ -4,6 +4,7 @@ export tokenizes text as training did (Qwen2Tokenizer included); --verify's boun
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,13 +113,17 @@ def _gpt2_split_tokenizer():
 def test_qwen2_export_tokenizes_like_the_run_and_verify_catches_a_mismatch(tmp_path):
   tok = _tokenizer("qwen2")
   model, cfg = _model("qwen2", len(tok))
-  out = export.save_pretrained(model, cfg, tmp_path / "good", tokenizer=tok, dtype="float32")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = export.save_pretrained(model, cfg, tmp_path / "good", tokenizer=tok, dtype="float32")
+  assert not [w for w in caught if "loads this export's tokenizer" in str(w.message)]
   results = export.verify_tokenizer(out, tok)
   assert results[0]["class"] == "Qwen2Tokenizer"  # transformers' choice for a qwen2 export
   assert all(r["same"] for r in results), results
   bad_tok = _gpt2_split_tokenizer()
   ensure_think_tokens(bad_tok)
-  out = export.save_pretrained(model, cfg, tmp_path / "bad", tokenizer=bad_tok, dtype="float32")
+  with pytest.warns(UserWarning, match="loads this export's tokenizer as Qwen2Tokenizer"):
+    out = export.save_pretrained(model, cfg, tmp_path / "bad", tokenizer=bad_tok, dtype="float32")
   assert not export.verify_tokenizer(out, bad_tok)[0]["same"]  # the issue's probe text: 42 vs 35+
 
 
