@@ -15,6 +15,7 @@ import pytest
 
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
+from ease_jax.tokenizer import demo_tokenizer_path
 from tests.conftest import REPO
 from tests.hf_models import make_hf_model
 
@@ -187,3 +188,19 @@ def test_hundred_million_layers_fail_in_bounded_time_and_memory(model_dir, tmp_p
   assert "num_hidden_layers=100000000" in result["error"]
   assert result["seconds"] < 1.0
   assert result["maxrss_kb"] < 2 * 1024**2  # the whole process, interpreter and jax included
+
+
+def test_init_from_hf_with_a_huge_config_is_exit_2_before_training(model_dir, tmp_path):
+  """The issue's reproduction: `model.init_from=hf:DIR` through launch/train.py."""
+  path = _copy(model_dir, tmp_path, _set(num_hidden_layers=100_000_000))
+  cmd = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
+         f"run_dir={tmp_path / 'run'}", f"model.init_from=hf:{path}",
+         f"data.tokenizer={demo_tokenizer_path()}", "train.steps=1"]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and "config.json" in lines[-1]
+  assert "num_hidden_layers=100000000" in lines[-1] and "Traceback" not in proc.stderr
+  assert time.perf_counter() - start < 240  # start-up of a fresh process, not 390 s of allocating
+  assert not (tmp_path / "run" / "checkpoints").exists()
