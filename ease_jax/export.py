@@ -215,8 +215,10 @@ def rounded(model: Decoder, dtype: str) -> Decoder:
 
 RELATIVE_TOLERANCE = 1e-5  # max |logit diff| / max |logit|: see docs/export.md
 PROBE_TEXTS = ("I'VE got 3333 apples and 12.5   pears. What is 2024 - 1999?",
-               "<think>\nIs this safe? It's a chemistry question.\n</think>\n\nYes: don't MIX them.",
-               "Ünïcödé naïve café — 你好, мир! 😀\n\n\tTabs,  double  spaces   and\r\nCRLF.",
+               "<think>\nIs this safe? It's a chemistry question.\n</think>\n\n"
+               "Yes: don't MIX them.",
+               "Ünïcödé naïve café — 你好, мир! 😀\n\n\tTabs,  double  spaces   and"
+               "\r\nCRLF.",
                "HTTP/1.1 200 OK; x=3.14159e-10, y=-42, z=1,000,000 (you'll, WE'LL, they'd)")
 
 
@@ -281,5 +283,6 @@ def verify_export(model: Decoder, out_dir: str | Path, tokenizer: Any, dtype: st
                     "same_ids_as_run": ids == tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}], add_generation_prompt=True,
                         tokenize=True, return_dict=False),
-                    "next_token_hf": int(ref[-1].argmax()), "next_token_jax": int(ours[-1].argmax())})
+                    "next_token_hf": int(ref[-1].argmax()),
+                    "next_token_jax": int(ours[-1].argmax())})
   return results

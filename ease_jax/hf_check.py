@@ -170,7 +170,8 @@ def _check_entry(file: Path, name: str, entry: Any, data_size: int) -> tuple[tup
       or not all(type(d) is int and d >= 0 for d in shape)):
     raise _bad(file, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
   if (not isinstance(offsets, list) or len(offsets) != 2
-      or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1] <= data_size):
+      or not all(type(o) is int for o in offsets)
+      or not 0 <= offsets[0] <= offsets[1] <= data_size):
     raise _bad(file, f"tensor {name!r}: data_offsets {offsets!r} outside the file's data")
   if offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[dtype]:
     raise _bad(file, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} "

@@ -58,7 +58,8 @@ def _jinja_string(text: str) -> str:
   return repr(str(text))
 
 
-def effective_chat_template(template: str, system_prompt: str = "", empty_think: bool = False) -> str:
+def effective_chat_template(template: str, system_prompt: str = "",
+                            empty_think: bool = False) -> str:
   """`template` preceded by the data options training applies, so serving renders the same.
 
   `system_prompt` is inserted as the first turn when the conversation has no system turn;

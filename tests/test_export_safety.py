@@ -81,7 +81,8 @@ def test_overwrite_never_deletes_the_run_its_parent_or_the_cwd(run, tmp_path):
   before = _snapshot(run.parent)
   _refused(_export("--checkpoint", run, "--out", run, "--overwrite", subprocess_run=True),
            "is or contains", "which the export reads")
-  _refused(_export("--checkpoint", run, "--out", run.parent, "--overwrite"), "which the export reads")
+  _refused(_export("--checkpoint", run, "--out", run.parent, "--overwrite"),
+           "which the export reads")
   _refused(_export("--checkpoint", run, "--out", ".", "--overwrite", cwd=run), "current directory")
   _refused(_export("--checkpoint", run, "--out", "..", "--overwrite", cwd=run / "tokenizer"),
            "current directory or one of its ancestors")
@@ -212,6 +213,7 @@ def test_disk_full_during_export_is_a_user_error_and_leaves_nothing(tiny, tmp_pa
 
 def test_fresh_export_inside_nothing_it_reads(tiny, tmp_path):
   model, cfg = tiny
-  with pytest.raises(UserError, match="refuses to replace .*: it is or contains .*which the export reads"):
+  with pytest.raises(UserError, match="refuses to replace .*: it is or contains .*which the "
+                                      "export reads"):
     export.save_pretrained(model, cfg, tmp_path, dtype="float32", overwrite=True,
                            protect=(tmp_path / "run",))

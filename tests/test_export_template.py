@@ -1,6 +1,7 @@
-"""One prompt format from training to the export: the run's effective chat template (data.chat_template,
-system_prompt, empty_think) is what transformers renders from the export, token for token; the
-export tokenizes text as training did (Qwen2Tokenizer included); --verify's bound is relative."""
+"""One prompt format from training to the export: the run's effective chat template
+(data.chat_template, system_prompt, empty_think) is what transformers renders from the export,
+token for token; the export tokenizes text as training did (Qwen2Tokenizer included); --verify's
+bound is relative."""
 
 import copy
 import json

@@ -25,10 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="a training RUN_DIR, or RUN_DIR@STEP")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--out", required=True, help="output directory (new, or a previous export with --overwrite)")
+  p.add_argument("--out", required=True,
+                 help="output directory (new, or a previous export with --overwrite)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-  p.add_argument("--verify", action="store_true", help="compare tokenization and logits with transformers")
-  p.add_argument("--overwrite", action="store_true", help="replace --out if it is a previous export")
+  p.add_argument("--verify", action="store_true",
+                 help="compare tokenization and logits with transformers")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace --out if it is a previous export")
   p.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors file size limit")
   return p.parse_args(argv)
 
@@ -68,7 +71,8 @@ def _verify(model, out: Path, tokenizer, dtype: str) -> bool:
     print(f"  {r['tokens']:4d} tokens  max|logit diff| {r['max_abs_diff']:.2e} of scale "
           f"{r['logit_scale']:.3g} (bound {r['bound']:.2e})  argmax agree "
           f"{r['argmax_agree']:.3f}, flips {r['argmax_flips']}  (vs unrounded float32 model "
-          f"{r['quantization_diff']:.2e})  chat ids {'same' if r['same_ids_as_run'] else 'DIFFERENT'}"
+          f"{r['quantization_diff']:.2e})  chat ids "
+          f"{'same' if r['same_ids_as_run'] else 'DIFFERENT'}"
           f"  {r['prompt'][:40]!r}")
   ok = tok_ok and logits_ok
   print(f"verify: {'PASS' if ok else 'FAIL'} (tokenizer {'same' if tok_ok else 'DIFFERENT'}; max "
