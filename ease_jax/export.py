@@ -139,7 +139,12 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 def _warn_if_tokenization_differs(directory: Path, tokenizer: Any) -> None:
   """Warns when transformers will load the exported tokenizer with another split than training's
   (its Qwen2Tokenizer ignores tokenizer.json's pre-tokenizer; see docs/export.md)."""
-  differ = [r for r in verify_tokenizer(directory, tokenizer) if not r["same"]]
+  try:
+    differ = [r for r in verify_tokenizer(directory, tokenizer) if not r["same"]]
+  except (OSError, ValueError) as e:  # the export is still written; --verify will fail on it
+    warnings.warn(f"transformers cannot load the exported tokenizer: {e}", UserWarning,
+                  stacklevel=3)
+    return
   if differ:
     warnings.warn(f"transformers loads this export's tokenizer as {differ[0]['class']}, which "
                   f"tokenizes {len(differ)} probe text(s) differently from the run's tokenizer "
