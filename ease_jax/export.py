@@ -232,7 +232,7 @@ def verify_tokenizer(out_dir: str | Path, tokenizer: Any,
   """Probe texts through `AutoTokenizer.from_pretrained(out_dir)` vs the run's tokenizer."""
   import transformers
 
-  exported = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+  exported = transformers.AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
   results = []
   for text in texts:
     ours = tokenizer.encode(text, add_special_tokens=False)
@@ -271,7 +271,7 @@ def verify_export(model: Decoder, out_dir: str | Path, tokenizer: Any, dtype: st
 
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(out_dir), dtype=torch.float32).eval()
-  exported_tok = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+  exported_tok = transformers.AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
   same_numerics = rounded(model, dtype)
   results = []
   for prompt in prompts:
