@@ -9,10 +9,9 @@ sibling directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ease_jax import export_dir
 from ease_jax.errors import UserError
 from ease_jax.hf import FAMILY_ARCH, param_shapes, path_str, to_hf, weight_table
 from ease_jax.models import Decoder, DecoderConfig
@@ -136,6 +136,22 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
       config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
+def _warn_if_tokenization_differs(directory: Path, tokenizer: Any) -> None:
+  """Warns when transformers will load the exported tokenizer with another split than training's
+  (its Qwen2Tokenizer ignores tokenizer.json's pre-tokenizer; see docs/export.md)."""
+  try:
+    differ = [r for r in verify_tokenizer(directory, tokenizer) if not r["same"]]
+  except (OSError, ValueError) as e:  # the export is still written; --verify will fail on it
+    warnings.warn(f"transformers cannot load the exported tokenizer: {e}", UserWarning,
+                  stacklevel=3)
+    return
+  if differ:
+    warnings.warn(f"transformers loads this export's tokenizer as {differ[0]['class']}, which "
+                  f"tokenizes {len(differ)} probe text(s) differently from the run's tokenizer "
+                  f"(e.g. {differ[0]['text'][:30]!r}: {differ[0]['tokens_exported']} tokens vs "
+                  f"{differ[0]['tokens']}); see docs/export.md", UserWarning, stacklevel=3)
+
+
 def _check_shapes(model: Decoder, cfg: DecoderConfig) -> None:
   want = param_shapes(cfg)
   for p, v in nnx.to_flat_state(nnx.state(model)):
@@ -147,37 +163,47 @@ def _check_shapes(model: Decoder, cfg: DecoderConfig) -> None:
 
 def save_pretrained(model: Decoder, cfg: DecoderConfig, out_dir: str | Path, tokenizer: Any = None,
                     dtype: str = "bfloat16", overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-  """Writes an HF directory (weights, config.json, tokenizer, generation_config.json)."""
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, protect: tuple = ()) -> Path:
+  """Writes an HF directory (weights, config.json, tokenizer, generation_config.json).
+
+  `overwrite` replaces only a previous export (see ease_jax/export_dir.py); `protect` names
+  paths (e.g. the checkpoint's run directory) that `out_dir` must never contain.
+  """
   out = Path(out_dir)
   if dtype not in _ST_DTYPES:
     raise UserError(f"export dtype {dtype!r} is not supported; choose {', '.join(_ST_DTYPES)}")
   if cfg.family not in FAMILY_ARCH:
     raise UserError(f"cannot export unknown architecture family {cfg.family!r}")
-  if out.exists() and not overwrite:
-    raise UserError(f"{out} already exists; pass --overwrite to replace it")
+  export_dir.check_destination(out, overwrite, protect)
   if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
     raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                     f"{cfg.vocab_size} embedding rows")
   _check_shapes(model, cfg)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  export_dir.clean_stale_partials(out)
+  tmp = export_dir.make_partial(out)
   try:
-    write_weights(model, cfg, tmp, dtype, max_shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2))
-    if tokenizer is not None:
-      _save_tokenizer(tokenizer, tmp)
-      generation = {"bos_token_id": tokenizer.bos_token_id,
-                    "eos_token_id": end_of_sequence_ids(tokenizer),
-                    "pad_token_id": tokenizer.pad_token_id, "do_sample": False}
-      (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
+    _write_all(model, cfg, tmp, tokenizer, dtype, max_shard_bytes)
+    export_dir.write_marker(tmp, (p.name for p in tmp.iterdir()), complete=True)
+    export_dir.replace(tmp, out)
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if export_dir.is_user_io_error(e):
+      raise export_dir.io_error(out, e) from None
     raise
   return out
+
+
+def _write_all(model: Decoder, cfg: DecoderConfig, tmp: Path, tokenizer: Any, dtype: str,
+               max_shard_bytes: int) -> None:
+  write_weights(model, cfg, tmp, dtype, max_shard_bytes)
+  (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2))
+  if tokenizer is not None:
+    _save_tokenizer(tokenizer, tmp)
+    _warn_if_tokenization_differs(tmp, tokenizer)
+    generation = {"bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": end_of_sequence_ids(tokenizer),
+                  "pad_token_id": tokenizer.pad_token_id, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 VERIFY_PROMPTS = ("What is the capital of France?",
@@ -192,32 +218,76 @@ def rounded(model: Decoder, dtype: str) -> Decoder:
   return nnx.merge(graphdef, state)
 
 
+RELATIVE_TOLERANCE = 1e-5  # max |logit diff| / max |logit|: see docs/export.md
+PROBE_TEXTS = ("I'VE got 3333 apples and 12.5   pears. What is 2024 - 1999?",
+               "<think>\nIs this safe? It's a chemistry question.\n</think>\n\n"
+               "Yes: don't MIX them.",
+               "Ünïcödé naïve café — 你好, мир! 😀\n\n\tTabs,  double  spaces   and"
+               "\r\nCRLF.",
+               "HTTP/1.1 200 OK; x=3.14159e-10, y=-42, z=1,000,000 (you'll, WE'LL, they'd)")
+
+
+def verify_tokenizer(out_dir: str | Path, tokenizer: Any,
+                     texts: tuple[str, ...] = PROBE_TEXTS) -> list[dict]:
+  """Probe texts through `AutoTokenizer.from_pretrained(out_dir)` vs the run's tokenizer."""
+  import transformers
+
+  exported = transformers.AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
+  results = []
+  for text in texts:
+    ours = tokenizer.encode(text, add_special_tokens=False)
+    theirs = exported.encode(text, add_special_tokens=False)
+    results.append({"text": text, "same": ours == theirs, "tokens": len(ours),
+                    "tokens_exported": len(theirs), "class": type(exported).__name__})
+  return results
+
+
+def _logit_check(ref: np.ndarray, ours: np.ndarray) -> dict:
+  """Relative difference and argmax agreement of two [T, V] logit arrays."""
+  diff = float(np.abs(ours - ref).max())
+  scale = float(np.abs(ref).max())
+  bound = RELATIVE_TOLERANCE * max(scale, 1.0)
+  top2 = np.sort(ref, axis=-1)[:, -2:]
+  decided = (top2[:, 1] - top2[:, 0]) > 2 * bound  # a closer race may flip within the bound
+  flips = int(((ref.argmax(-1) != ours.argmax(-1)) & decided).sum())
+  return {"max_abs_diff": diff, "logit_scale": scale, "bound": bound, "argmax_flips": flips,
+          "argmax_agree": float((ref.argmax(-1) == ours.argmax(-1)).mean()),
+          "ok": diff <= bound and flips == 0}
+
+
 def verify_export(model: Decoder, out_dir: str | Path, tokenizer: Any, dtype: str,
                   prompts: tuple[str, ...] = VERIFY_PROMPTS) -> list[dict]:
   """Logits of the exported directory under transformers (torch, CPU) vs the JAX model.
 
   transformers loads the weights upcast to float32 and the JAX model's parameters are
   rounded to the export dtype the same way, so any difference is an export error, not
-  rounding: the bound is float32's (1e-4) for every dtype. `quantization_diff` reports
-  how far the rounded model is from the unrounded one (information, not a check).
+  rounding. The bound is relative to the logit scale (RELATIVE_TOLERANCE x max |logit|), and
+  the argmax must agree wherever the top two logits are further apart than the bound. The
+  prompts are tokenized by the exported tokenizer (what a user of the export gets).
+  `quantization_diff` reports how far the rounded model is from the unrounded one.
   """
   import torch
   import transformers
 
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(out_dir), dtype=torch.float32).eval()
+  exported_tok = transformers.AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)
   same_numerics = rounded(model, dtype)
   results = []
   for prompt in prompts:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
+    ids = exported_tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
     with torch.no_grad():
       ref = hf_model(torch.tensor([ids])).logits[0].float().numpy()
     ours = np.asarray(same_numerics(jnp.asarray([ids], jnp.int32))[0])
     unrounded = np.asarray(model(jnp.asarray([ids], jnp.int32))[0])
-    results.append({"prompt": prompt, "tokens": len(ids),
-                    "max_abs_diff": float(np.abs(ours - ref).max()),
+    check = _logit_check(ref, ours)
+    results.append({"prompt": prompt, "tokens": len(ids), **check,
                     "quantization_diff": float(np.abs(unrounded - ref).max()),
-                    "next_token_hf": int(ref[-1].argmax()), "next_token_jax": int(ours[-1].argmax())})
+                    "same_ids_as_run": ids == tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                        tokenize=True, return_dict=False),
+                    "next_token_hf": int(ref[-1].argmax()),
+                    "next_token_jax": int(ours[-1].argmax())})
   return results

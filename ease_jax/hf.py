@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from ease_jax import hf_check
 from ease_jax.errors import UserError
 from ease_jax.models import Decoder, DecoderConfig
 from ease_jax.models.layers import dtype_of
@@ -139,10 +140,8 @@ def to_hf(name_layout: str, p: Any, cfg: DecoderConfig) -> Any:
 
 
 def _safetensors_files(path: Path) -> list[Path]:
-  index = path / "model.safetensors.index.json"
-  if index.is_file():
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [path / n for n in names]
+  if (path / hf_check.INDEX).is_file():
+    return hf_check.read_index(path)
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise UserError(f"{path}: no *.safetensors weights found (pickle .bin weights are not loaded)")
@@ -156,9 +155,39 @@ def _read_config(path: Path) -> dict:
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-  if not isinstance(config, dict):
-    raise UserError(f"{path / 'config.json'}: expected a JSON object")
+  hf_check.check_config(config, path / "config.json")
   return config
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple, str]]:
+  """HF tensor name -> (file, shape, dtype) over all weight files, from their headers only."""
+  out: dict[str, tuple[Path, tuple, str]] = {}
+  for file in files:
+    for name, (shape, dtype) in hf_check.read_header(file).items():
+      if name in out:
+        raise UserError(f"{file}: tensor {name!r} is also in {out[name][0]}")
+      out[name] = (file, shape, dtype)
+  return out
+
+
+def _check_tensors(cfg: DecoderConfig, headers: dict, path: Path) -> None:
+  """Every tensor the config implies is present with its shape, and no other (headers only)."""
+  shapes = param_shapes(cfg)
+  by_hf = {hf: (ours, layout) for hf, ours, layout in weight_table(cfg)}
+  for name, (file, hf_shape, _) in headers.items():
+    if name not in by_hf:
+      if name == "lm_head.weight" and cfg.tie_embeddings:
+        continue  # some exports write the tied head out; it equals the embedding
+      raise UserError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model "
+                      f"with this config.json")
+    ours, layout = by_hf[name]
+    want = to_hf(layout, np.empty(shapes[ours], np.int8), cfg).shape
+    if hf_shape != want:
+      raise UserError(f"{file}: tensor {name!r} has shape {hf_shape}; the config expects {want}")
+  missing = [hf for hf in by_hf if hf not in headers]
+  if missing:
+    raise UserError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
+                    f"{' ...' if len(missing) > 5 else ''}")
 
 
 def assemble(cfg: DecoderConfig, values: dict[str, jax.Array]) -> Decoder:
@@ -183,29 +212,21 @@ def load_pretrained(path: str | Path, dtype: str = "float32",
   """
   path = Path(path)
   cfg = config_from_hf(_read_config(path), param_dtype=dtype, **overrides)
-  table = weight_table(cfg)
-  shapes = param_shapes(cfg)
-  by_hf = {hf: (ours, layout) for hf, ours, layout in table}
+  hf_check.check_memory(cfg, jnp.dtype(dtype_of(dtype)).itemsize, path / "config.json")
+  headers = _headers(_safetensors_files(path))
+  hf_check.check_layers(cfg.num_layers, headers, path / "config.json")
+  _check_tensors(cfg, headers, path)
+  by_hf = {hf: (ours, layout) for hf, ours, layout in weight_table(cfg)}
   loaded: dict[str, jax.Array] = {}
-  for file in _safetensors_files(path):
-    with safe_open(str(file), framework="flax") as f:
-      for name in f.keys():
-        if name not in by_hf:
-          if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # some exports write the tied head out; it equals the embedding
-          raise UserError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model "
-                          f"with this config.json")
-        ours, layout = by_hf[name]
-        hf_shape = tuple(f.get_slice(name).get_shape())
-        want = to_hf(layout, np.empty(shapes[ours], np.int8), cfg).shape
-        if hf_shape != want:
-          raise UserError(f"{file}: tensor {name!r} has shape {hf_shape}; "
-                          f"the config expects {want}")
-        loaded[ours] = jnp.asarray(to_jax(layout, f.get_tensor(name), cfg), dtype_of(dtype))
-  missing = [hf for hf, ours, _ in table if ours not in loaded]
-  if missing:
-    raise UserError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
-                    f"{' ...' if len(missing) > 5 else ''}")
+  for file in sorted({file for file, _, _ in headers.values()}):
+    try:
+      with safe_open(str(file), framework="flax") as f:
+        for name in f.keys():
+          if name in by_hf:
+            ours, layout = by_hf[name]
+            loaded[ours] = jnp.asarray(to_jax(layout, f.get_tensor(name), cfg), dtype_of(dtype))
+    except SafetensorError as e:
+      raise UserError(f"{file}: not a valid safetensors file ({e})") from None
   return assemble(cfg, loaded), cfg
 
 

@@ -22,7 +22,8 @@ from ease_jax import checkpoint, hf, sharding
 from ease_jax.config import Config
 from ease_jax.errors import ConfigError, UserError
 from ease_jax.models import Decoder, DecoderConfig, get_preset
-from ease_jax.tokenizer import demo_tokenizer_path, ensure_think_tokens, load_tokenizer
+from ease_jax.tokenizer import (apply_run_template, demo_tokenizer_path, ensure_think_tokens,
+                                load_tokenizer)
 
 KINDS = ("hf", "ckpt", "scratch")
 TOKENIZER_DIR = "tokenizer"  # under RUN_DIR: the tokenizer the run trained with
@@ -54,9 +55,13 @@ def tokenizer_path(cfg: Config) -> str:
 
 
 def load_run_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-  """The run's tokenizer, with the think tokens added when missing."""
+  """The run's tokenizer, with the think tokens added when missing and the run's effective chat
+  template (data.chat_template / system_prompt / empty_think) as its template, so that every
+  stage that prompts the model, and the saved tokenizer, render as training does."""
   tokenizer = load_tokenizer(tokenizer_path(cfg))
   ensure_think_tokens(tokenizer)
+  apply_run_template(tokenizer, cfg.data.chat_template, cfg.data.system_prompt,
+                     cfg.data.empty_think)
   return tokenizer
 
 

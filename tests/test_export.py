@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from ease_jax import export
 from ease_jax.errors import UserError
+from ease_jax.generate import load_generation_model
 from ease_jax.hf import load_pretrained, save_pretrained
 from tests.conftest import REPO
 from tests.hf_models import make_hf_model, torch_logits
@@ -83,13 +84,16 @@ def test_shape_mismatch_with_config_is_an_error(tmp_path):
     save_pretrained(model, cfg.replace(intermediate_size=cfg.intermediate_size + 2), tmp_path / "o")
 
 
+SYSTEM_PROMPT = "You are a careful assistant."
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  """Two steps of the demo config, on the bundled tokenizer and data."""
+  """Two steps of the demo config, on the bundled tokenizer and data, with a system prompt."""
   run_dir = tmp_path_factory.mktemp("run")
   cmd = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}",
          "train.steps=2", "train.seq_len=256", "train.eval_every=0", "data.eval=[]",
-         "checkpoint.async_save=false"]
+         "checkpoint.async_save=false", f"data.system_prompt={SYSTEM_PROMPT}"]
   subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
   return run_dir
 
@@ -112,6 +116,12 @@ def test_trained_checkpoint_exports_with_parity_and_same_chat_ids(trained_run, t
           {"role": "assistant", "content": "<think>\nA safety question.\n</think>\n\nNo: toxic gas."}]
   ids = exported.apply_chat_template(chat, tokenize=True, return_dict=False)
   assert ids == trained.apply_chat_template(chat, tokenize=True, return_dict=False)
+  # The run trained with a system prompt: its saved tokenizer, what generation loads from the
+  # run, and the export all prompt with it.
+  served = load_generation_model(str(trained_run))[2]
+  for tok in (exported, trained, served):
+    prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"), prompt
   think = exported.convert_tokens_to_ids("<think>")
   assert ids.count(think) == 1 and exported.encode("<think>", add_special_tokens=False) == [think]
   generation = json.loads((out / "generation_config.json").read_text())

@@ -13,9 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat_templates"
-if not TEMPLATES.is_dir():  # the repo may sit elsewhere; fall back to the absolute path
-  TEMPLATES = Path("/work/shared/fixtures/chat_templates")
+# The published Qwen2.5-Instruct and Llama-3.2-Instruct chat templates, verbatim.
+TEMPLATES = Path(__file__).resolve().parent / "data" / "chat_templates"
 
 THINK = ["<think>", "</think>"]
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ease_jax import demo_text  # noqa: E402
 from ease_jax.errors import UserError  # noqa: E402
-from ease_jax.tokenizer import THINK_TOKENS, demo_tokenizer_path  # noqa: E402
+from ease_jax.tokenizer import THINK_TOKENS, demo_tokenizer_path, qwen2_pre_tokenizer  # noqa: E402
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen-style ChatML, no default system prompt.
@@ -40,6 +40,10 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     vocab_size=vocab_size - len(THINK_TOKENS), min_frequency=2, show_progress=False,
     special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer=trainer)
+  # Served with Qwen2's pre-tokenizer: the demo model is a Qwen2-family model, and transformers
+  # loads a Qwen2 export's tokenizer as Qwen2Tokenizer, which always splits text this way. With
+  # it in tokenizer.json, training, transformers and llama.cpp tokenize every text alike.
+  tok.pre_tokenizer = qwen2_pre_tokenizer()
   # Think tokens are plain added tokens (Qwen3 convention): one id each, kept by
   # decode(skip_special_tokens=True).
   tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
