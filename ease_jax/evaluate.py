@@ -19,7 +19,7 @@ import numpy as np
 from ease_jax.config import SourceConfig
 from ease_jax.data.readers import read_rows
 from ease_jax import scoring as S
-from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records
+from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
 from ease_jax.errors import DataError
 
 CLASS_ORDER = ("benign", "harmful", "adversarial_harmful", "adversarial_benign")
@@ -51,9 +51,15 @@ class Outcome:
   seconds: float = 0.0  # wall-clock generation time of this prompt's class, per prompt
 
 
-def read_eval_file(path: str, adapter: str = "prompt_response") -> list[EvalItem]:
-  """Records of an eval file plus each row's required `class` label."""
-  src = SourceConfig(adapter=adapter, path=path)
+def source_label(src: SourceConfig) -> str:
+  """A benchmark's name in reports: the source's `name`, else its file stem."""
+  return source_name(src)
+
+
+def read_eval_file(source: str | SourceConfig, adapter: str = "prompt_response") -> list[EvalItem]:
+  """Records of an eval source (a path read with `adapter`, or a SourceConfig) plus each
+  row's required `class` label."""
+  src = source if isinstance(source, SourceConfig) else SourceConfig(adapter=adapter, path=source)
   classes = []
   for loc, row in read_rows(src):
     if isinstance(row, DataError):
@@ -209,17 +215,25 @@ def outcomes_from(items: list[EvalItem], gens: list[Any], think_ids: tuple[int, 
 def generate_by_class(generator: Any, items: list[EvalItem], sampling: Any,
                       progress: Callable[[int, int], None] | None = None
                       ) -> tuple[list[Any], list[float]]:
-  """Generations aligned with `items`, one class at a time so that each prompt's wall-clock
-  share of its class's generation time is measured: (generations, seconds per prompt)."""
+  """Generations aligned with `items`, one class at a time so that each prompt's share of its
+  class's wall-clock generation time is measured: (generations, seconds per prompt).
+
+  Compilation is not generation time: a class whose run compiled a new batch shape (the
+  Generator's `num_compilations` grew) is generated again for the timing, and the second
+  run's generations are kept (the same ones: decoding is deterministic for a fixed seed)."""
   gens: list[Any] = [None] * len(items)
   seconds = [0.0] * len(items)
   done = 0
   for cls in dict.fromkeys(i.cls for i in items):
     idx = [k for k, i in enumerate(items) if i.cls == cls]
     convs = [[{"role": r, "content": c} for r, c in items[k].record.messages] for k in idx]
-    start = time.perf_counter()
-    out = generator.generate_chat(convs, sampling)
-    per_prompt = (time.perf_counter() - start) / len(idx)
+    for _ in range(2):
+      compiled = getattr(generator, "num_compilations", 0)
+      start = time.perf_counter()
+      out = generator.generate_chat(convs, sampling)
+      per_prompt = (time.perf_counter() - start) / len(idx)
+      if getattr(generator, "num_compilations", 0) == compiled:
+        break
     for k, g in zip(idx, out):
       gens[k], seconds[k] = g, per_prompt
     done += len(idx)

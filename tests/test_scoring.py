@@ -177,3 +177,24 @@ def test_gate_under_empty_think_is_the_think_tag(tmp_path):
   think_open = TOK.convert_tokens_to_ids("<think>")
   assert direct.ids[direct.start] == reasoned.ids[reasoned.start] == think_open
   assert direct.ids[direct.start + 2] != reasoned.ids[reasoned.start + 2]
+
+
+def test_compilation_is_not_generation_time(tmp_path):
+  """A class whose run compiled (num_compilations grew) is generated again for the timing."""
+  import time
+
+  class Compiling(StubGenerator):
+    num_compilations = 0
+
+    def generate_chat(self, conversations, sampling, progress=None):
+      if len(self.calls) % 2 == 0:  # the first run of every class compiles for 0.3 s
+        self.num_compilations += 1
+        time.sleep(0.3)
+      return super().generate_chat(conversations, sampling)
+
+  rows_in = [("benign", "b1"), ("harmful", "h1")]
+  gen = Compiling(["Fine.", "No."], ["b1", "h1"])
+  report, _ = E.evaluate(gen, items_for(rows_in, tmp_path), SamplingConfig(max_new_tokens=8))
+  assert gen.calls == [["b1"], ["b1"], ["h1"], ["h1"]]
+  for stats in report["classes"].values():
+    assert 0 < stats["seconds_per_prompt"] < 0.3
