@@ -7,8 +7,9 @@ side by side, with deltas against the base model.
 Writes OUT/report.json, OUT/report.md, OUT/chart_<benchmark>.png and, per model and benchmark,
 the full evaluation (OUT/<model>/<benchmark>/report.json, generations.jsonl). The suite file:
 
-  benchmarks:                       # eval sources: any adapter whose rows carry a class
-    - {name: demo, adapter: prompt_response, path: data/demo/eval.jsonl}
+  benchmarks:                       # eval sources: safety benchmarks as published, or rows
+    - {name: demo, path: data/demo/eval.jsonl}          # with a `class` column
+    - {name: xstest, adapter: xstest, path: data/benchmarks/xstest_prompts.csv}
   max_new_tokens: 256
   batch_size: 16
   refusal: patterns                 # keyword | xstest | patterns | python:module:function
@@ -22,13 +23,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from ease_jax import config as C
 from ease_jax import evaluate as E
 from ease_jax.config import SourceConfig
+from ease_jax.data.benchmarks import EVAL_ADAPTERS
+from ease_jax.data.records import ADAPTERS
 from ease_jax.errors import ConfigError, UserError
 
 # (report key, column title): benchmark-level numbers, then per-class numbers.
@@ -40,6 +43,26 @@ PER_CLASS = (("reasoning_rate", "reasoning"), ("refusal_rate", "refusal"),
              ("unsafe_rate", "unsafe"), ("mean_think_tokens", "think tok"),
              ("mean_new_tokens", "new tok"), ("truncated_rate", "truncated"),
              ("seconds_per_prompt", "s/prompt"))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+  """One eval source of a suite."""
+  path: str
+  # auto: a safety benchmark recognised by its published columns, else rows with a `class`
+  # column (prompt_response); or name the adapter: strongreject, xstest, jailbreakbench,
+  # jailbreakbench_harmful, jailbreakbench_benign, wildjailbreak_eval, or any record adapter
+  adapter: str = "auto"
+  name: str = ""  # the benchmark's name in the report; default: the file stem
+  format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "disk", "hf"] = "auto"
+  split: str = "train"
+  max_rows: int = 0  # 0 = all rows
+
+  def source(self) -> SourceConfig:
+    """As a data source for `evaluate.read_eval_file`."""
+    adapter = "prompt_response" if self.adapter == "auto" else self.adapter
+    return SourceConfig(adapter=adapter, path=self.path, name=self.name,  # type: ignore[arg-type]
+                        format=self.format, split=self.split, max_rows=self.max_rows)
 
 
 @dataclass(frozen=True)
@@ -56,7 +79,7 @@ class LmEvalSuite:
 @dataclass(frozen=True)
 class Suite:
   """The evaluation every model of a comparison gets."""
-  benchmarks: tuple[SourceConfig, ...]
+  benchmarks: tuple[Benchmark, ...]
   max_new_tokens: int = 256
   batch_size: int = 16
   refusal: str = "patterns"
@@ -73,7 +96,12 @@ def load_suite(path: str | Path) -> Suite:
     raise ConfigError(f"{path}: {e}") from None
   if not suite.benchmarks:
     raise ConfigError(f"{path}: benchmarks: list at least one eval source")
-  names = [E.source_label(b) for b in suite.benchmarks]
+  known = ("auto",) + tuple(EVAL_ADAPTERS) + tuple(ADAPTERS)
+  for i, b in enumerate(suite.benchmarks):
+    if b.adapter not in known:
+      raise ConfigError(f"{path}: benchmarks[{i}].adapter: {b.adapter!r} is not allowed; "
+                        f"choose one of {', '.join(known)}")
+  names = [E.source_label(b.source()) for b in suite.benchmarks]
   if len(set(names)) != len(names):
     raise ConfigError(f"{path}: benchmarks: two sources share the name {names}; give each a name")
   if suite.lm_eval is not None and not suite.lm_eval.tasks:
@@ -125,7 +153,8 @@ def evaluate_models(models: dict[str, str], suite: Suite, out: Path,
   from ease_jax.judges import make_judge
   from ease_jax.refusals import make_refusal_detector
 
-  items = {E.source_label(b): E.read_eval_file(b) for b in suite.benchmarks}  # fail fast
+  items = {E.source_label(b.source()): E.read_eval_file(b.source())  # a bad file fails first
+           for b in suite.benchmarks}
   scorers = E.Scorers(make_refusal_detector(suite.refusal),
                       make_judge(suite.judge) if suite.judge else None, suite.judge_reasoning)
   sampling = G.SamplingConfig(max_new_tokens=suite.max_new_tokens)

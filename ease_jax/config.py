@@ -25,11 +25,12 @@ DType = Literal["float32", "bfloat16", "float16"]
 @dataclass(frozen=True)
 class SourceConfig:
   """One data source: an adapter over a file, a directory or a `datasets` name."""
-  adapter: Literal["star", "ease10k", "wildjailbreak", "prompt_response", "messages"]
+  adapter: Literal["star", "ease10k", "wildjailbreak", "wildjailbreak_refuse_adversarial",
+                   "prompt_response", "messages"]
   path: str
   weight: float = 1.0
   name: str = ""  # shown in metrics and reports; defaults to the file stem
-  format: Literal["auto", "jsonl", "json", "parquet", "disk", "hf"] = "auto"
+  format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "disk", "hf"] = "auto"
   split: str = "train"  # for `datasets` directories and `load_dataset`
   target_type: str = ""  # override the adapter's target type (reasoning|refusal|direct)
   max_rows: int = 0  # 0 = all rows

@@ -8,6 +8,7 @@ chart and every generation (`generations.jsonl`) are written to the output direc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ease_jax.config import SourceConfig
-from ease_jax.data.readers import read_rows
 from ease_jax import scoring as S
+from ease_jax.config import SourceConfig
+from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
+from ease_jax.data.readers import read_rows
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
 from ease_jax.errors import DataError
 
@@ -57,9 +59,14 @@ def source_label(src: SourceConfig) -> str:
 
 
 def read_eval_file(source: str | SourceConfig, adapter: str = "prompt_response") -> list[EvalItem]:
-  """Records of an eval source (a path read with `adapter`, or a SourceConfig) plus each
-  row's required `class` label."""
+  """Records of an eval source (a path read with `adapter`, or a SourceConfig) plus each row's
+  required `class` label (a safety benchmark's adapter derives the class:
+  ease_jax.data.benchmarks)."""
   src = source if isinstance(source, SourceConfig) else SourceConfig(adapter=adapter, path=source)
+  bench = benchmark_adapter(src.path, src.adapter)
+  if bench:
+    return [EvalItem(r, c)
+            for r, c in load_eval_prompts(dataclasses.replace(src, adapter=bench))]
   classes = []
   for loc, row in read_rows(src):
     if isinstance(row, DataError):

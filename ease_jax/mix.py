@@ -44,6 +44,7 @@ class Issues:
   bad_traces: list[str] = field(default_factory=list)
   notes: list[str] = field(default_factory=list)
   bad_trace_keys: dict[str, str] = field(default_factory=dict)  # id / prompt key -> where
+  truncated: dict[str, int] = field(default_factory=dict)  # set -> rows cut off (stopped=false)
 
   def bad_trace(self, row: object, error: DataError) -> None:
     """Records an unusable trace row, keyed so that its prompt's report can point at it."""
@@ -56,10 +57,20 @@ class Issues:
         self.bad_trace_keys.setdefault(key, str(error))
 
 
+def check_finished(row: dict) -> None:
+  """A generated row cut off by max_new_tokens (`stopped: false`, as tools/generate.py and
+  tools/write_traces.py write it) is not a target: it would teach the student to stop
+  mid-sentence, whether the cut fell inside the think block or after `</think>`."""
+  if row.get("stopped") is False:
+    raise DataError("the generation was cut off by max_new_tokens (stopped=false); generate "
+                    "it again with more new tokens", field="stopped")
+
+
 def load_targets(path: str, adapter: str, target: str, drop_reasoning: bool = False,
                  issues: Issues | None = None) -> list[Record]:
   """Records of one file as `target` examples. Trace files (target reasoning) keep their bad
-  rows in `issues.bad_traces`; for refusal/direct, think text is an error unless dropped."""
+  rows in `issues.bad_traces`; for refusal/direct, think text is an error unless dropped.
+  Rows cut off by max_new_tokens (`stopped: false`) are left out and counted in every set."""
   if adapter not in ADAPTERS:
     raise UserError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
   fn, name = ADAPTERS[adapter], os.path.splitext(os.path.basename(path))[0]
@@ -71,6 +82,12 @@ def load_targets(path: str, adapter: str, target: str, drop_reasoning: bool = Fa
         raise row
       rid = row.get("id")
       meta = {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)}
+      if row.get("stopped") is False:
+        issues.truncated[target] = issues.truncated.get(target, 0) + 1
+        if target != "reasoning":
+          issues.notes.append(f"{loc}: left out: cut off by max_new_tokens (stopped=false)")
+          continue
+      check_finished(row)
       try:
         out.append(fn(row, target, **meta))
       except DataError as e:
@@ -255,7 +272,8 @@ def build_mix(out_dir: str, *, vulnerable: list[Prompt], traces: list[Record],
                "train": len(splits["train"][k]), "eval": len(splits["eval"][k])} for k in KINDS}
   summary = {"kinds": table, "vulnerable_prompts": n_vulnerable, "traces": len(traces),
              "missing_traces": issues.missing, "duplicates": issues.duplicates,
-             "bad_traces": issues.bad_traces, "notes": issues.notes, "seed": seed,
+             "bad_traces": issues.bad_traces, "truncated": dict(issues.truncated),
+             "notes": issues.notes, "seed": seed,
              "ratio": list(ratio) if ratio else None, "sources": snippet["data"]}
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
@@ -284,7 +302,8 @@ def format_summary(s: dict) -> str:
     lines.append("mix: " + "  ".join(f"{k} {100 * n['selected'] / total:.0f}%"
                                      for k, n in s["kinds"].items()))
   lines.append(f"missing traces: {len(s['missing_traces'])}   duplicates: "
-               f"{len(s['duplicates'])}   bad trace rows: {len(s['bad_traces'])}")
+               f"{len(s['duplicates'])}   bad trace rows: {len(s['bad_traces'])}   truncated "
+               f"(stopped=false, left out): {sum(s.get('truncated', {}).values())}")
   for m in s["missing_traces"]:
     lines.append(f"  missing trace: {m['where']} id={m['id'] or '-'}: {m['reason']}")
   for d in s["duplicates"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import unicodedata
 from collections import Counter
@@ -25,8 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ease_jax.config import SourceConfig
+from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows
-from ease_jax.data.records import ADAPTERS, ROLES, _str
+from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
 from ease_jax.errors import DataError, UserError
 from ease_jax.judges import Judge, Verdict
 
@@ -101,7 +103,7 @@ def detect_adapter(path: str) -> str:
   first = next((row for _, row in read_rows(src) if isinstance(row, dict)), None)
   if first is None:
     raise DataError("no rows", path=path)
-  found = next((a for key, a in _DETECT if key in first), None)
+  found = detect_benchmark(first) or next((a for key, a in _DETECT if key in first), None)
   if found is None:
     raise DataError(f"cannot tell the format from the fields {sorted(first)}; pass --adapter",
                     path=path)
@@ -117,9 +119,12 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
   """
   adapter = detect_adapter(path) if adapter == "auto" else adapter
   adapter = "" if adapter == "prompts" else adapter
+  if adapter in EVAL_ADAPTERS:  # a safety benchmark: its class is the prompt's category
+    pairs = load_eval_prompts(SourceConfig(adapter=adapter, path=path, max_rows=max_rows))
+    return [Prompt(r.messages, r.id, r.category or cls, r.where) for r, cls in pairs]
   if adapter and adapter not in ADAPTERS:
     raise UserError(f"unknown adapter {adapter!r}; expected auto, prompts or one of "
-                    f"{', '.join(ADAPTERS)}")
+                    f"{', '.join((*ADAPTERS, *EVAL_ADAPTERS))}")
   out = []
   for loc, row in read_rows(SourceConfig(adapter=adapter or "prompt_response", path=path)):
     if max_rows and len(out) >= max_rows:
@@ -127,12 +132,15 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
     try:
       if isinstance(row, DataError):
         raise row
-      if adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
+      if adapter.startswith("wildjailbreak"):  # the diagnosis pool: prompts, answers unused
+        prompt, category = wildjailbreak_prompt(row)
+        messages, extra = (("user", prompt),), {}
+      elif adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
         rec = ADAPTERS[adapter](row, "reasoning" if _has_think(row) else "direct")
         messages, extra, category = rec.messages, {}, rec.category
       else:
         messages, extra = _plain_prompt(row, keep)
-        category = _str(row, "category", required=False) or ""
+        category = meta_str(row, "category")
       rid = row.get("id")
       out.append(Prompt(messages, "" if rid is None else str(rid), category, str(loc),
                         tuple(extra.items())))
@@ -205,11 +213,41 @@ def auto_mesh():
   return sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
 
 
-def generate_answers(prompts: list[Prompt], model_spec: str, *, max_new_tokens: int = 512,
-                     batch_size: int = 8, template: str | None = None, seed: int = 0,
-                     temperature: float = 0.0, top_p: float = 1.0,
+# The reference recipe's diagnosis sampling: the original student answers each prompt once.
+REFERENCE_SAMPLING = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 1.0, "seed": 42}
+
+
+def sample_pool(prompts: list[Prompt], categories: tuple[str, ...] = (), per_category: int = 0,
+                seed: int = 42) -> list[Prompt]:
+  """The diagnosis pool: only `categories` (all when empty), at most `per_category` of each
+  (0 = all) by a seeded sample, in file order (the reference: 1,000 each of WildJailbreak's
+  adversarial_harmful and adversarial_benign, seed 42)."""
+  if categories:
+    missing = [c for c in categories if not any(p.category == c for p in prompts)]
+    if missing:
+      raise UserError(f"no prompt has category {', '.join(map(repr, missing))}; the file's "
+                      f"categories: {', '.join(sorted({p.category for p in prompts})) or '-'}")
+    prompts = [p for p in prompts if p.category in categories]
+  if not per_category:
+    return prompts
+  rng, keep = random.Random(seed), set()
+  by_cat: dict[str, list[int]] = {}
+  for i, p in enumerate(prompts):
+    by_cat.setdefault(p.category, []).append(i)
+  for idx in by_cat.values():
+    keep.update(rng.sample(idx, min(per_category, len(idx))))
+  return [p for i, p in enumerate(prompts) if i in keep]
+
+
+def generate_answers(prompts: list[Prompt], model_spec: str, *,
+                     max_new_tokens: int = REFERENCE_SAMPLING["max_new_tokens"],
+                     batch_size: int = 8, template: str | None = None,
+                     seed: int = REFERENCE_SAMPLING["seed"],
+                     temperature: float = REFERENCE_SAMPLING["temperature"],
+                     top_p: float = REFERENCE_SAMPLING["top_p"],
                      dtype: str = "float32") -> list[str]:
-  """The model's answers (greedy by default), rendered with its own chat template."""
+  """The model's answers, rendered with its own chat template; sampled as the reference does
+  by default (temperature 0.7, top_p 1.0, 512 new tokens, seeded); temperature 0 = greedy."""
   from ease_jax import generate as G
   log(f"diagnose: loading {model_spec}")
   model, cfg, tok = G.load_generation_model(model_spec, param_dtype=dtype, compute_dtype=dtype)
@@ -297,8 +335,11 @@ def format_counts(summary: dict) -> str:
 
 def diagnose(out_dir: str, judge_factory: Callable[[], Judge], *, prompts_path: str = "",
              adapter: str = "auto", responses_path: str = "", model: str = "",
-             max_rows: int = 0, **gen_options) -> dict:
-  """Prompts + model (or a responses file) + judge -> the diagnosis files; returns the summary."""
+             max_rows: int = 0, categories: tuple[str, ...] = (), per_category: int = 0,
+             pool_seed: int = 42, **gen_options) -> dict:
+  """Prompts + model (or a responses file) + judge -> the diagnosis files; returns the summary.
+  `model` should be the original student (the reference diagnoses the model before any EASE
+  training); `categories`/`per_category`/`pool_seed` pick the pool (see `sample_pool`)."""
   if bool(responses_path) == bool(model):
     raise UserError("give either --model (generate the answers) or --responses (a "
                     "tools/generate.py output file, judged as is)")
@@ -308,10 +349,14 @@ def diagnose(out_dir: str, judge_factory: Callable[[], Judge], *, prompts_path: 
   else:
     if not prompts_path:
       raise UserError("--model needs --prompts FILE")
-    prompts = read_prompts(prompts_path, adapter, max_rows=max_rows)
+    prompts = sample_pool(read_prompts(prompts_path, adapter, max_rows=max_rows), categories,
+                          per_category, pool_seed)
     log(f"diagnose: {len(prompts)} prompts from {prompts_path}")
     answers = generate_answers(prompts, model, **gen_options)
   judge = judge_factory()  # after generation: the student's weights can be freed first
   verdicts = judge_all(judge, prompts, answers)
-  meta = {"model": model, "prompts_file": prompts_path, "responses_file": responses_path}
+  sampling = {k: gen_options.get(k, v) for k, v in REFERENCE_SAMPLING.items()} if model else None
+  meta = {"model": model, "prompts_file": prompts_path, "responses_file": responses_path,
+          "sampling": sampling, "pool": {"categories": list(categories),
+                                         "per_category": per_category, "seed": pool_seed}}
   return write_diagnosis(out_dir, prompts, answers, verdicts, judge.name, meta)

@@ -8,8 +8,11 @@
   --harmful (prompts with refusals)   -> OUT/refusal.jsonl   (target `refusal`)
   --general (prompts with answers)    -> OUT/direct.jsonl    (target `direct`)
 
-Traces: tools/generate.py output (response = '<think>...</think>answer') or any Record file
-with reasoning (--traces_adapter star | ease10k | prompt_response | messages). A vulnerable
+Traces: tools/write_traces.py or tools/generate.py output (response =
+'<think>...</think>answer') or any Record file with reasoning (--traces_adapter star | ease10k |
+prompt_response | messages). A row cut off by max_new_tokens (`stopped: false`) is left out and
+counted in every set (report.json `truncated`), wherever the cut fell: inside the think block
+or after '</think>' ("...</think>\\n\\nI can't help with break"). A vulnerable
 prompt joins its trace by `id` when the prompt texts agree, else by normalised prompt text
 (NFKC, case-folded, whitespace collapsed). Every prompt without a trace, every bad trace row and
 every duplicate prompt is printed and listed in OUT/report.json; OUT/missing_traces.jsonl is a

@@ -1,8 +1,15 @@
 """Phase 2, step 1: find the vulnerable region. Generate with the student, judge its answers.
 
-  # generate with the phase-1 model, judge with Llama-Guard-3 on this framework's decoder
-  python tools/diagnose.py --prompts data/jailbreaks.jsonl --model runs/qwen2.5-0.5b_phase1 \\
-      --judge llama_guard:/models/Llama-Guard-3-8B --out runs/diagnose
+  # as the reference recipe: the ORIGINAL student (before any EASE training) answers 1,000
+  # adversarial-harmful and 1,000 adversarial-benign WildJailbreak prompts, sampled
+  # (temperature 0.7, top_p 1.0, 512 new tokens, seed 42); Llama-Guard-3 judges
+  python tools/diagnose.py --prompts data/wildjailbreak/train/train.tsv \\
+      --categories adversarial_harmful adversarial_benign --per_category 1000 \\
+      --model models/Qwen2.5-1.5B-Instruct --judge llama_guard:/models/Llama-Guard-3-8B \\
+      --out runs/diagnose
+  # the alternative (not the reference's): the phase-1 model, greedy
+  python tools/diagnose.py --prompts data/jailbreaks.jsonl --model runs/qwen2.5-1.5b_phase1 \\
+      --greedy --judge llama_guard:/models/Llama-Guard-3-8B --out runs/diagnose_phase1
   # judge answers generated earlier by tools/generate.py (no student model loaded)
   python tools/diagnose.py --responses gens.jsonl --judge refusal --out runs/diagnose
 
@@ -29,7 +36,7 @@ from ease_jax.errors import UserError  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--prompts", default="", help="prompt file (JSONL, JSON, Parquet, datasets)")
+  ap.add_argument("--prompts", default="", help="prompt file (JSONL, JSON, CSV/TSV, Parquet, datasets)")
   ap.add_argument("--adapter", default="auto",
                   help="--prompts format: auto | prompts (plain rows) | a Record adapter")
   ap.add_argument("--model", default="", help="RUN_DIR[@STEP] or HF_DIR of the student")
@@ -37,10 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--judge", required=True, help="llama_guard:HF_DIR | refusal | python:mod:fn")
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--template", default="", help="prompt template file with {prompt}")
-  ap.add_argument("--max_new_tokens", type=int, default=512)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
+  ref = stages.REFERENCE_SAMPLING
+  ap.add_argument("--max_new_tokens", type=int, default=ref["max_new_tokens"])
+  ap.add_argument("--temperature", type=float, default=ref["temperature"], help="0 = greedy")
+  ap.add_argument("--top_p", type=float, default=ref["top_p"])
+  ap.add_argument("--seed", type=int, default=ref["seed"], help="sampling seed")
+  ap.add_argument("--greedy", action="store_true",
+                  help="temperature 0: the deterministic alternative, not the reference's")
+  ap.add_argument("--categories", nargs="*", default=[],
+                  help="keep only prompts of these categories (WildJailbreak: data_type)")
+  ap.add_argument("--per_category", type=int, default=0,
+                  help="a seeded sample of at most N prompts per category (0 = all)")
+  ap.add_argument("--pool_seed", type=int, default=42, help="seed of the --per_category sample")
   ap.add_argument("--batch_size", type=int, default=8, help="generation batch (student)")
   ap.add_argument("--judge_batch_size", type=int, default=8, help="llama_guard batch")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -65,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = stages.diagnose(
         args.out, lambda: judges.make_judge(args.judge, **opts), prompts_path=args.prompts,
         adapter=args.adapter, responses_path=args.responses, model=args.model,
-        max_rows=args.max_rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        template=template, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+        max_rows=args.max_rows, categories=tuple(args.categories),
+        per_category=args.per_category, pool_seed=args.pool_seed,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=template,
+        seed=args.seed, temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
         dtype=args.dtype)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -7,7 +7,13 @@ Supervised text is marked `[[gate:...]][[think:...]][[answer:...]]` (in colour o
 prompt dim, gate magenta, think yellow, answer green). The summary comes from one pass of the
 real pipeline at `train.seq_len` (one epoch of the weighted mix for `train`): examples per
 objective and source, document length percentiles, dropped and skipped examples, and packing
-efficiency (the non-padding fraction of packed token positions).
+efficiency (the non-padding fraction of packed token positions), and the mean examples per
+optimizer step (packed rows hold several examples). `--examples_per_step N` also prints the
+`train.batch_size` that gives about N examples per step on this data (the reference recipe
+trains 32 examples per step, one per padded row).
+
+`behavior.file` (a `class`-labelled eval file or a safety benchmark: StrongREJECT, XSTest,
+JailbreakBench, WildJailbreak eval) is shown too: prompts per class and one rendered prompt.
 """
 
 from __future__ import annotations
@@ -72,8 +78,35 @@ def summarize(pipe: Pipeline) -> dict:
       ids, counts = np.unique(row[row > 0], return_counts=True)
       lengths += counts.tolist()
   pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (0, 50, 90, 99, 100)} if lengths else {}
+  stats = pipe.stats.as_dict()
+  examples = sum(stats["examples_by_objective"].values())
+  per_step = examples / stats["batches"] if stats["batches"] else 0.0
   return {"split": pipe.split, "seq_len": pipe.seq_len, "records": sum(map(len, pipe.records)),
-          "document_tokens": pct, **pipe.stats.as_dict()}
+          "document_tokens": pct, "batch_size": pipe.batch_size,
+          "examples_per_step": round(per_step, 2), **stats}
+
+
+def batch_for(summary: dict, examples: int) -> int:
+  """The batch_size (packed rows) whose steps hold about `examples` examples on this data."""
+  per_row = summary["examples_per_step"] / summary["batch_size"]
+  return max(1, round(examples / per_row)) if per_row else 0
+
+
+def eval_prompts(cfg: Config, tok) -> dict | None:
+  """behavior.file: prompts per class and the first prompt rendered as generation sees it."""
+  if not cfg.behavior.file:
+    return None
+  from collections import Counter
+
+  from ease_jax.data.render import FIXED_DATE  # the date generation renders with
+  from ease_jax.evaluate import read_eval_file
+  items = read_eval_file(cfg.behavior.file)
+  msgs = [{"role": r, "content": c} for r, c in items[0].record.messages]
+  text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                 date_string=FIXED_DATE.strftime("%d %b %Y"),
+                                 strftime_now=FIXED_DATE.strftime)
+  return {"file": cfg.behavior.file, "prompts_by_class": dict(Counter(i.cls for i in items)),
+          "first": {"where": items[0].record.where, "class": items[0].cls, "text": text}}
 
 
 def print_human(examples: list[dict], summary: dict) -> None:
@@ -97,6 +130,16 @@ def print_human(examples: list[dict], summary: dict) -> None:
     print("  skipped:", reason)
   print(f"batches: {s['batches']}   tokens: {s['tokens']}   supervised: {s['supervised_tokens']}"
         f"   packing efficiency: {100 * s['packing_efficiency']:.1f}%")
+  print(f"examples per step: {s['examples_per_step']:.1f} (batch_size {s['batch_size']} packed "
+        f"rows of {s['seq_len']} tokens)")
+  if s.get("batch_for"):
+    n, b = s["batch_for"]
+    print(f"batch_size for about {n} examples per step on this data: {b}")
+  if s.get("behavior"):
+    e = s["behavior"]
+    print(f"--- behavior eval {e['file']}: prompts per class {e['prompts_by_class']}")
+    print(f"first prompt ({e['first']['where']}, class {e['first']['class']}), rendered:")
+    print(e["first"]["text"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +149,21 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
   ap.add_argument("--split", choices=("train", "eval"), default="train")
   ap.add_argument("--json", action="store_true", help="print one JSON object instead")
+  ap.add_argument("--examples_per_step", type=int, default=0,
+                  help="also print the batch_size giving about N examples per step")
   args = ap.parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
-    pipe = Pipeline(cfg.data, load_data_tokenizer(cfg), seq_len=cfg.train.seq_len,
+    tok = load_data_tokenizer(cfg)
+    pipe = Pipeline(cfg.data, tok, seq_len=cfg.train.seq_len,
                     batch_size=cfg.train.batch_size, seed=cfg.train.seed, split=args.split,
                     num_epochs=1)
     color = sys.stdout.isatty() and not args.json
     examples = [example_info(pipe, r, color) for r in pick(pipe.records, args.n)]
     summary = summarize(pipe)
+    if args.examples_per_step:
+      summary["batch_for"] = [args.examples_per_step, batch_for(summary, args.examples_per_step)]
+    summary["behavior"] = eval_prompts(cfg, tok)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""File readers: JSON lines, JSON arrays, Parquet and `datasets` sources, as located rows.
+"""File readers: JSON lines, JSON arrays, CSV/TSV, Parquet and `datasets` sources, as located rows.
 
 Each reader yields ``(Loc, row)`` where row is a dict or the ``DataError`` reading it
 produced, so a caller can count or raise it with the file and line; whole-file problems
@@ -8,6 +8,8 @@ produced, so a caller can count or raise it with the file and line; whole-file p
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from ease_jax.config import SourceConfig
 from ease_jax.errors import DataError
 
 MAX_LINE_BYTES = 64 << 20  # one JSONL row; longer is a broken file, not a training example
+csv.field_size_limit(MAX_LINE_BYTES)  # the csv module's default (128 KiB) is below long traces
 _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
@@ -127,6 +130,49 @@ def _read_json_array(path: str) -> Iterator[Row]:
         f"expected a JSON object, got {type(row).__name__}")
 
 
+def _read_delimited(path: str, delimiter: str) -> Iterator[Row]:
+  """CSV / TSV with a header row: RFC 4180 quoting, so a quoted field may hold the delimiter,
+  newlines and doubled quotes (WildJailbreak's TSV files). Every value is a string; an empty
+  cell is "". `Loc.line` is the 1-based line where the record starts."""
+  with _open(path) as raw:
+    _check_encoding(raw.read(4096), path)
+    raw.seek(0)
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    reader = csv.reader(text, delimiter=delimiter, strict=True)
+    try:
+      header = next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as e:
+      raise DataError(f"could not read the header: {_csv_reason(e)}", path=path, line=1) from None
+    if not header or not any(h.strip() for h in header):
+      raise DataError("no header row (a CSV/TSV source needs column names on line 1)", path=path)
+    header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1 and h})
+    if repeated:
+      raise DataError(f"the header repeats column(s) {', '.join(repeated)}", path=path, line=1)
+    while True:
+      start = reader.line_num + 1
+      try:
+        cells = next(reader)
+      except StopIteration:
+        return
+      except (csv.Error, UnicodeDecodeError) as e:  # the rest of the file cannot be trusted
+        raise DataError(_csv_reason(e), path=path, line=start) from None
+      if not cells or cells == [""]:
+        continue  # a blank line
+      loc = Loc(path, line=start)
+      if len(cells) != len(header):
+        yield loc, DataError(f"expected {len(header)} fields (the header's), got {len(cells)}; "
+                             "is a field with a delimiter or newline left unquoted?")
+        continue
+      yield loc, {h: c for h, c in zip(header, cells) if h}
+
+
+def _csv_reason(e: Exception) -> str:
+  if isinstance(e, UnicodeDecodeError):
+    return "invalid UTF-8 (Latin-1 or Windows-1252 text? convert the file to UTF-8)"
+  return f"malformed CSV/TSV: {e}"
+
+
 def _read_table(path: str, fmt: str, split: str) -> Iterator[Row]:
   """Parquet files and `datasets` sources, read through `datasets`."""
   import datasets
@@ -164,6 +210,8 @@ def _format(path: str, fmt: str) -> str:
     with _open(path) as f:
       head = f.read(4096).lstrip()
     return "json" if head.startswith(b"[") else "jsonl"
+  if ext in (".csv", ".tsv"):
+    return ext[1:]
   return "jsonl" if ext in (".jsonl", ".ndjson") else "hf"
 
 
@@ -176,4 +224,6 @@ def read_rows(src: SourceConfig) -> Iterator[Row]:
     return _read_jsonl(src.path)
   if fmt == "json":
     return _read_json_array(src.path)
+  if fmt in ("csv", "tsv"):
+    return _read_delimited(src.path, "," if fmt == "csv" else "\t")
   return _read_table(src.path, fmt, src.split)

@@ -13,6 +13,7 @@ counted in ``BadRecords.duplicate_ids`` and reported with a ``DuplicateIdWarning
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -83,6 +84,24 @@ def _str(row: dict, key: str, *, required: bool = True, empty_ok: bool = False) 
   return value
 
 
+def meta_str(row: dict, key: str) -> str:
+  """A metadata field (category, source, tactics, ...) as text for reports, whatever its type:
+  a list is joined with ', ', a mapping or number written as JSON; missing or null is ''.
+  Metadata never rejects a row (STAR-1 ships `category` as a list, `score` as a struct)."""
+  value = row.get(key)
+  if value is None:
+    return ""
+  if isinstance(value, str):
+    text = value
+  elif isinstance(value, (list, tuple)):
+    text = ", ".join(v if isinstance(v, str) else json.dumps(v, default=str) for v in value
+                     if v is not None)
+  else:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+  text = text.encode("utf-8", "replace").decode("utf-8")  # an unpaired surrogate is not fatal
+  return text.strip()
+
+
 def _check_text(value: str, key: str) -> None:
   """Strings from JSON escapes may hold unpaired surrogates, which no tokenizer can encode."""
   try:
@@ -133,11 +152,12 @@ def _think_target(row: dict, question_key: str, target: str, **meta: str) -> Rec
   prompt = _str(row, question_key)
   reasoning, answer = split_think(_str(row, "response"))
   return make_record([("user", prompt)], answer, target or "reasoning", reasoning,
-                     category=_str(row, "category", required=False) or "", **meta)
+                     category=meta_str(row, "category"), **meta)
 
 
 def adapt_star(row: dict, target: str, **meta: str) -> Record:
-  """STAR-1 / STAR-41K: `question`, `response` = '<think>...</think>answer', `category`."""
+  """STAR-1 / STAR-41K: `question`, `response` = '<think>...</think>answer'; `category` (a list
+  of strings in the release) is joined; `id`, `source`, `score` and other columns are metadata."""
   return _think_target(row, "question", target, **meta)
 
 
@@ -146,21 +166,49 @@ def adapt_ease10k(row: dict, target: str, **meta: str) -> Record:
   return _think_target(row, "original_question", target, **meta)
 
 
+# WildJailbreak's data_type -> the default target. adversarial_harmful has none: in EASE those
+# prompts are the diagnosis pool (tools/diagnose.py), not refusal training data.
 _WJ_TYPES = {"vanilla_harmful": "refusal", "vanilla_benign": "direct",
-             "adversarial_harmful": "refusal", "adversarial_benign": "direct"}
+             "adversarial_harmful": "", "adversarial_benign": "direct"}
 
 
-def adapt_wildjailbreak(row: dict, target: str, **meta: str) -> Record:
-  """WildJailbreak: `vanilla`, `adversarial`, `completion`, `data_type`."""
+def _wj_type(row: dict) -> str:
   data_type = _str(row, "data_type")
   if data_type not in _WJ_TYPES:
     raise DataError(f"unknown data_type {data_type!r}; expected one of {', '.join(_WJ_TYPES)}",
                     field="data_type")
-  key = "adversarial" if data_type.startswith("adversarial") else "vanilla"
-  prompt = _str(row, key)
+  return data_type
+
+
+def wildjailbreak_prompt(row: dict) -> tuple[str, str]:
+  """(prompt, data_type) of a WildJailbreak row, its completion not needed: the diagnosis pool."""
+  data_type = _wj_type(row)
+  return _str(row, "adversarial" if data_type.startswith("adversarial") else "vanilla"), data_type
+
+
+def _wj_record(row: dict, target: str, adversarial_target: str, **meta: str) -> Record:
+  prompt, data_type = wildjailbreak_prompt(row)
+  default = _WJ_TYPES[data_type] or adversarial_target
+  if not (target or default):
+    raise DataError("adversarial_harmful rows are EASE's diagnosis pool (tools/diagnose.py), not "
+                    "refusal training data; to train them as direct refusals on purpose use "
+                    "adapter 'wildjailbreak_refuse_adversarial' (or set the source's "
+                    "target_type)", field="data_type")
   reasoning, answer = split_think(_str(row, "completion"), "completion")
-  return make_record([("user", prompt)], answer, target or _WJ_TYPES[data_type], reasoning,
+  return make_record([("user", prompt)], answer, target or default, reasoning,
                      category=data_type, **meta)
+
+
+def adapt_wildjailbreak(row: dict, target: str, **meta: str) -> Record:
+  """WildJailbreak train: `vanilla`, `adversarial` (empty on vanilla rows), `tactics`,
+  `completion`, `data_type`. vanilla_harmful -> refusal, vanilla_benign and adversarial_benign
+  -> direct; adversarial_harmful is an error unless the source sets `target_type`."""
+  return _wj_record(row, target, "", **meta)
+
+
+def adapt_wildjailbreak_refuse_adversarial(row: dict, target: str, **meta: str) -> Record:
+  """WildJailbreak train as `wildjailbreak`, with adversarial_harmful trained as refusals."""
+  return _wj_record(row, target, "refusal", **meta)
 
 
 def _target_type(row: dict, target: str) -> str:
@@ -177,7 +225,7 @@ def adapt_prompt_response(row: dict, target: str, **meta: str) -> Record:
   if reasoning is None:
     reasoning, response = split_think(response)
   return make_record([("user", prompt)], response, _target_type(row, target), reasoning,
-                     category=_str(row, "category", required=False) or "", **meta)
+                     category=meta_str(row, "category"), **meta)
 
 
 def adapt_messages(row: dict, target: str, **meta: str) -> Record:
@@ -199,11 +247,12 @@ def adapt_messages(row: dict, target: str, **meta: str) -> Record:
   if reasoning is None:
     reasoning, response = split_think(response, f"messages[{len(pairs) - 1}].content")
   return make_record(pairs[:-1], response, _target_type(row, target), reasoning,
-                     category=_str(row, "category", required=False) or "", **meta)
+                     category=meta_str(row, "category"), **meta)
 
 
 ADAPTERS: dict[str, Callable[..., Record]] = {
     "star": adapt_star, "ease10k": adapt_ease10k, "wildjailbreak": adapt_wildjailbreak,
+    "wildjailbreak_refuse_adversarial": adapt_wildjailbreak_refuse_adversarial,
     "prompt_response": adapt_prompt_response, "messages": adapt_messages,
 }
 
@@ -216,6 +265,10 @@ def source_name(src: SourceConfig) -> str:
 def load_records(src: SourceConfig, on_bad_record: str = "error",
                  bad: BadRecords | None = None) -> list[Record]:
   """Reads, adapts and validates every row of one source."""
+  if src.adapter not in ADAPTERS:
+    raise DataError(f"adapter {src.adapter!r} does not read training records; expected one of "
+                    f"{', '.join(ADAPTERS)} (safety benchmarks hold prompts without answers: "
+                    "evaluate them with tools/evaluate.py --adapter NAME)", path=src.path)
   adapter = ADAPTERS[src.adapter]
   name, bad = source_name(src), bad if bad is not None else BadRecords()
   records, rows, first_seen, repeats = [], 0, {}, []
