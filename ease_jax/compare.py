@@ -197,8 +197,8 @@ def table(results: dict, base: str) -> dict:
       rows[name] = with_delta({k: _value(rep, k) for k, _ in HEADLINE},
                               {k: _value(base_rep, k) for k, _ in HEADLINE})
       rows[name]["classes"] = {
-          c: with_delta({k: s.get(k) for k, _ in PER_CLASS},
-                        base_rep["classes"].get(c, {}))
+          c: {"n": s["n"], **with_delta({k: s.get(k) for k, _ in PER_CLASS},
+                                        base_rep["classes"].get(c, {}))}
           for c, s in rep["classes"].items()}
     out["benchmarks"][bench] = rows
   if "lm_eval" in results[base]:
@@ -232,12 +232,12 @@ def markdown(tab: dict, scoring: str) -> str:
     for name, row in rows.items():
       d = (lambda k: None) if name == base else (lambda k: row.get(f"{k}_delta"))
       lines.append(f"| {name} | " + " | ".join(_fmt(row[k], d(k)) for k, _ in HEADLINE) + " |")
-    lines += ["", "| model | class | " + " | ".join(t for _, t in PER_CLASS) + " |",
+    lines += ["", "| model | class (n) | " + " | ".join(t for _, t in PER_CLASS) + " |",
               "|---" * (len(PER_CLASS) + 2) + "|"]
     for name, row in rows.items():
       for cls, s in row["classes"].items():
         d = (lambda k: None) if name == base else (lambda k: s.get(f"{k}_delta"))
-        lines.append(f"| {name} | {cls} | "
+        lines.append(f"| {name} | {cls} ({s['n']}) | "
                      + " | ".join(_fmt(s[k], d(k)) for k, _ in PER_CLASS) + " |")
     lines.append("")
   if tab["lm_eval"]:
