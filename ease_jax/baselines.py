@@ -4,8 +4,8 @@ the baselines see the same prompts and answers as EASE:
   refusal        every target without its reasoning: harmful and jailbreak prompts get their
                  direct refusal, benign prompts their direct answer (refusal training).
   always_reason  every target with reasoning (deliberative-alignment style): targets that have
-                 none get a teacher trace from `--traces` (tools/generate.py output, matched by
-                 prompt), or, with `generic`, a fixed short reasoning per target type.
+                 none get a teacher trace from `--traces` (tools/write_traces.py or
+                 tools/generate.py output, matched by prompt), or, with `generic`, a fixed short reasoning per target type.
 
 The answers are never changed: only the think block differs between EASE and a baseline.
 """
@@ -31,7 +31,7 @@ GENERIC = {
 
 
 def read_traces(path: str) -> dict[str, str]:
-  """{prompt: reasoning} from a tools/generate.py output (`prompt`, `response` with a closed
+  """{prompt: reasoning} from tools/write_traces.py or tools/generate.py output (`prompt`, `response` with a closed
   think block); rows without one are left out (the caller reports prompts still missing)."""
   traces: dict[str, str] = {}
   with open(path, encoding="utf-8") as f:

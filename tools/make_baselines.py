@@ -9,8 +9,8 @@
 
 refusal: every target without its reasoning (a reasoning target's answer becomes a `refusal`
 target when it reads as a refusal, else `direct`). always_reason: every target with reasoning,
-its own, a teacher trace for its prompt (--traces: tools/generate.py output with the
-policy-spec template), or with --generic a fixed short reasoning. Answers are never changed.
+its own, a teacher trace for its prompt (--traces: tools/write_traces.py or tools/generate.py
+output; traces cut off by max_new_tokens are not used), or with --generic a fixed short reasoning. Answers are never changed.
 Writes OUT/<source name>.jsonl (prompt_response rows) per training source of every config.
 """
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--kind", required=True, choices=("refusal", "always_reason"))
   p.add_argument("--config", nargs="+", required=True, help="the EASE config(s) whose sources to use")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--traces", default="", help="tools/generate.py output: teacher traces by prompt")
+  p.add_argument("--traces", default="", help="tools/write_traces.py or tools/generate.py output: teacher traces by prompt")
   p.add_argument("--generic", action="store_true",
                  help="always_reason: a fixed short reasoning where there is no trace")
   args = p.parse_args(argv)
