@@ -182,3 +182,22 @@ def test_safety_benchmarks_as_published(models, tmp_path):
   assert [c["n"] for c in tab["xstest"]["base"]["classes"].values()] == [2, 1]
   assert "## wildjailbreak" in (tmp_path / "bench" / "report.md").read_text()
   assert report["refusal_detector"] == "xstest"
+
+
+def test_evaluate_tool_scoring_flags(models, tmp_path):
+  """tools/evaluate.py --refusal / --judge / --judge_reasoning reach the report."""
+  import evaluate as evaluate_tool
+  write_suite(tmp_path)  # writes tmp_path/eval.jsonl
+  out = tmp_path / "ev"
+  assert evaluate_tool.main(["--model", models["reasoner"], "--eval", str(tmp_path / "eval.jsonl"),
+                             "--out", str(out), "--refusal", "xstest", "--judge", "refusal",
+                             "--judge_reasoning", "--max_new_tokens", "16"]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert (report["refusal_detector"], report["judge"], report["judge_sees"]) == (
+      "xstest", "refusal", "reasoning+answer")
+  assert report["classes"]["harmful"]["reasoning_rate"] == 1.0
+  # xstest's prefixes miss "I won't": no refusal by that detector, while the refusal judge's
+  # phrases (which read the answer after </think>) find it
+  assert report["classes"]["harmful"]["refusal_rate"] == 0.0
+  assert report["attack_success_rate"] == 0.0
+  assert "Refusals: xstest; unsafe: refusal (sees reasoning+answer)." in (out / "report.md").read_text()
