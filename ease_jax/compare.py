@@ -122,26 +122,30 @@ def parse_models(specs: list[str]) -> dict[str, str]:
   return models
 
 
-def run_lm_eval(model: str, cfg: LmEvalSuite) -> dict[str, dict[str, float]]:
-  """{task: {metric: value}} from lm-eval's simple_evaluate with the `ease_jax` backend."""
+def _lm_evaluate() -> Callable:
+  """`ease_jax.lm_eval.evaluate`, or a UserError saying what to install."""
   try:
-    import lm_eval
-    import ease_jax.lm_eval  # noqa: F401  (registers the `ease_jax` model with lm-eval)
+    from ease_jax.lm_eval import evaluate as lm_evaluate
   except ImportError as e:
     raise UserError(f"the suite's lm_eval section needs lm-evaluation-harness and "
                     f"ease_jax.lm_eval (pip install '.[eval]'): {e}") from None
-  task_manager = lm_eval.tasks.TaskManager(include_path=cfg.include_path or None)
-  out = lm_eval.simple_evaluate(
-      model="ease_jax", model_args=f"pretrained={model}", tasks=list(cfg.tasks),
-      num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size,
-      apply_chat_template=cfg.apply_chat_template, task_manager=task_manager)
+  return lm_evaluate
+
+
+def run_lm_eval(model: str, cfg: LmEvalSuite) -> dict[str, dict[str, float]]:
+  """{task: {metric: value}} from lm-eval's simple_evaluate with the `ease_jax` backend
+  (`ease_jax.lm_eval.evaluate`, the `[eval]` extra)."""
+  out = _lm_evaluate()(model, list(cfg.tasks), include_path=cfg.include_path or None,
+                    model_args={"batch_size": cfg.batch_size}, num_fewshot=cfg.num_fewshot,
+                    limit=cfg.limit, apply_chat_template=cfg.apply_chat_template)
   return lm_eval_scores(out)
 
 
 def lm_eval_scores(results: dict) -> dict[str, dict[str, float]]:
-  """lm-eval's results dict -> {task: {metric,filter: value}} without the stderr entries."""
+  """lm-eval's results dict -> {task: {metric,filter: value}}: its `metric,filter` entries
+  without the stderr ones (and without bookkeeping such as `alias` and `sample_len`)."""
   return {task: {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and "stderr" not in k}
+                 if isinstance(v, (int, float)) and "," in k and "stderr" not in k}
           for task, metrics in results.get("results", {}).items()}
 
 
@@ -155,6 +159,8 @@ def evaluate_models(models: dict[str, str], suite: Suite, out: Path,
 
   items = {E.source_label(b.source()): E.read_eval_file(b.source())  # a bad file fails first
            for b in suite.benchmarks}
+  if suite.lm_eval is not None and lm_eval_runner is run_lm_eval:
+    _lm_evaluate()  # a missing backend fails before any model loads
   scorers = E.Scorers(make_refusal_detector(suite.refusal),
                       make_judge(suite.judge) if suite.judge else None, suite.judge_reasoning)
   sampling = G.SamplingConfig(max_new_tokens=suite.max_new_tokens)

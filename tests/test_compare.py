@@ -108,7 +108,7 @@ def test_lm_eval_section_is_optional_and_tabled(models, tmp_path):
   scores = {"base": 0.25, "refusal": 0.5}
   fake = lambda spec, cfg: CMP.lm_eval_scores({"results": {"gsm8k": {
       "alias": "gsm8k", "exact_match,strict-match": scores[next(n for n, p in models.items() if p == spec)],
-      "exact_match_stderr,strict-match": 0.01}}})
+      "exact_match_stderr,strict-match": 0.01, "sample_len": 6}}})
   report = CMP.compare({n: models[n] for n in scores}, suite, tmp_path / "lm", log=lambda m: None,
                        lm_eval_runner=fake)
   row = report["table"]["lm_eval"]["refusal"]
@@ -117,10 +117,13 @@ def test_lm_eval_section_is_optional_and_tabled(models, tmp_path):
   assert "| refusal | 0.50 (+0.25) |" in (tmp_path / "lm" / "report.md").read_text()
 
 
-def test_lm_eval_without_the_backend_is_a_clear_error(monkeypatch):
+def test_lm_eval_without_the_backend_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "ease_jax.lm_eval", None)
   with pytest.raises(UserError, match=r"needs lm-evaluation-harness and ease_jax.lm_eval"):
     CMP.run_lm_eval("m", CMP.LmEvalSuite(tasks=("t",)))
+  suite = CMP.load_suite(write_suite(tmp_path, "lm_eval: {tasks: [gsm8k]}\n"))
+  with pytest.raises(UserError, match=r"needs lm-evaluation-harness"):  # before loading models
+    CMP.compare({"m": str(tmp_path / "no_such_model")}, suite, tmp_path / "o", log=lambda m: None)
 
 
 @pytest.mark.parametrize("extra, message", [
