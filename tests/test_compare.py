@@ -10,8 +10,18 @@ from ease_jax import compare as CMP
 from ease_jax.errors import ConfigError, UserError
 from tests.conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import compare as compare_tool  # noqa: E402
+
+
+def load_tool(name: str):
+  """tools/<name>.py as a module under a name no installed package uses (`evaluate` is one)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"ease_tool_{name}", REPO / "tools" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+compare_tool = load_tool("compare")
 
 OUTPUTS = {"base": "Sure, here it is", "refusal": "I can't help with that",
            "reasoner": "<think>Risky</think>I won't"}
@@ -189,7 +199,7 @@ def test_safety_benchmarks_as_published(models, tmp_path):
 
 def test_evaluate_tool_scoring_flags(models, tmp_path):
   """tools/evaluate.py --refusal / --judge / --judge_reasoning reach the report."""
-  import evaluate as evaluate_tool
+  evaluate_tool = load_tool("evaluate")
   write_suite(tmp_path)  # writes tmp_path/eval.jsonl
   out = tmp_path / "ev"
   assert evaluate_tool.main(["--model", models["reasoner"], "--eval", str(tmp_path / "eval.jsonl"),
