@@ -11,7 +11,6 @@ from ease_jax.errors import ConfigError, UserError
 from tests.conftest import REPO
 
 
-
 def load_tool(name: str):
   """tools/<name>.py as a module under a name no installed package uses (`evaluate` is one)."""
   import importlib.util
