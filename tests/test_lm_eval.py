@@ -123,23 +123,30 @@ def setup(tmp_path_factory):
   return export_tiny_model(root), write_tasks(root / "tasks")
 
 
-def _run(model: str, model_args: dict, include_path: str, tasks: list[str], **kwargs) -> dict:
+def _run(model, include_path: str, tasks: list[str], **kwargs) -> dict:
   import lm_eval
   from lm_eval.tasks import TaskManager
-  return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks,
+  return lm_eval.simple_evaluate(model=model, tasks=tasks,
                                  task_manager=TaskManager(include_path=include_path),
                                  log_samples=True, bootstrap_iters=0, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def both(setup):
+def lms(setup):
+  """lm-eval's hf backend and ease_jax on the exported model, each built once (and so
+  compiled once) for the whole module."""
+  from lm_eval.api.registry import get_model
+  model_dir, _ = setup
+  hf = get_model("hf")(pretrained=model_dir, dtype="float32", device="cpu", batch_size=4)
+  return hf, get_model("ease_jax")(pretrained=model_dir, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def both(setup, lms):
   """The three tasks through the hf backend and through ease_jax."""
-  model_dir, include = setup
+  _, include = setup
   tasks = ["ej_mc", "ej_gen", "ej_ppl"]
-  hf = _run("hf", {"pretrained": model_dir, "dtype": "float32", "device": "cpu",
-                   "batch_size": 4}, include, tasks)
-  ours = _run("ease_jax", {"pretrained": model_dir, "batch_size": 4}, include, tasks)
-  return hf, ours
+  return tuple(_run(lm, include, tasks) for lm in lms)
 
 
 def _samples(results: dict, task: str) -> list:
@@ -181,23 +188,20 @@ def test_greedy_generations_are_identical_and_cut_at_stop_strings(both):
       "exact_match,none"]
 
 
-def test_stop_strings_really_cut_the_generations(setup):
+def test_stop_strings_really_cut_the_generations(lms):
   """Without `until` the same prompts run on (so the stop strings above did cut them)."""
-  model_dir, _ = setup
-  lm = ej_lm_eval.EaseJaxLM(pretrained=model_dir, batch_size=4)
   from lm_eval.api.instance import Instance
+  lm = lms[1]
   reqs = [Instance("generate_until", {}, (d["prompt"], {"until": [], "max_gen_toks": 12}), i)
           for i, d in enumerate(GEN_DOCS)]
   free = lm.generate_until(reqs, disable_tqdm=True)
   assert sum("e" in t or "ab" in t for t in free) >= 2, free
 
 
-def test_chat_template_is_applied_as_the_hf_backend_does(setup):
-  model_dir, include = setup
+def test_chat_template_is_applied_as_the_hf_backend_does(setup, lms):
+  _, include = setup
   kwargs = dict(apply_chat_template=True, system_instruction="Be brief.", limit=3)
-  hf = _run("hf", {"pretrained": model_dir, "dtype": "float32", "device": "cpu"}, include,
-            ["ej_gen"], **kwargs)
-  ours = _run("ease_jax", {"pretrained": model_dir, "batch_size": 2}, include, ["ej_gen"], **kwargs)
+  hf, ours = (_run(lm, include, ["ej_gen"], **kwargs) for lm in lms)
   prompts = [s["arguments"][0][0] for s in ours["samples"]["ej_gen"]]  # (context, gen_kwargs)
   assert all(p.startswith("<|im_start|>system\nBe brief.<|im_end|>") for p in prompts), prompts
   assert [s["arguments"] for s in ours["samples"]["ej_gen"]] == [
@@ -220,11 +224,83 @@ def test_command_line_runs_a_local_task(setup):
   env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
   cmd = [sys.executable, "-m", "ease_jax.lm_eval", "--model", "ease_jax", "--model_args",
          f"pretrained={model_dir},dtype=float32,batch_size=2", "--tasks", "ej_mc",
-         "--include_path", include]
+         "--include_path", include, "--limit", "3"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ej_mc" in proc.stdout and "acc" in proc.stdout
-  bad = subprocess.run(cmd[:5] + [f"pretrained={model_dir},dtype=float64"] + cmd[6:],
+  bad = subprocess.run(cmd[:6] + [f"pretrained={model_dir},dtype=float64"] + cmd[7:],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert bad.returncode == 2 and "error: dtype='float64'" in bad.stderr, bad.stderr[-2000:]
   assert "Traceback" not in bad.stderr
+
+
+def _mc_requests() -> list:
+  from lm_eval.api.instance import Instance
+  return [Instance("loglikelihood", {}, (d["question"], " " + c.strip()), i)
+          for i, d in enumerate(MC_DOCS) for c in d["choices"]]
+
+
+def test_a_training_run_at_a_step_scores_as_its_export(setup, lms, tmp_path):
+  from typing import Any, NamedTuple
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ease_jax import checkpoint
+  from ease_jax.config import CheckpointConfig
+
+  class State(NamedTuple):
+    params: Any
+    step: Any
+
+  class NoData:
+    def get_state(self):
+      return {}
+
+    def set_state(self, state):
+      pass
+
+  model_dir, _ = setup
+  model, cfg = load_pretrained(model_dir)
+  ckpt = checkpoint.Checkpointer(tmp_path, CheckpointConfig(every=1, keep=1, async_save=False))
+  ckpt.save(7, State(nnx.state(model, nnx.Param), jnp.int32(7)), NoData(), cfg)
+  ckpt.close()
+  load_tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
+  # The export's tokenizer: transformers 5 loads it as Qwen2Tokenizer (config.json's model
+  # type), whose own pre-tokenizer splits digits unlike the run's saved tokenizer.json.
+  run = ej_lm_eval.EaseJaxLM.create_from_arg_string(
+      f"pretrained={tmp_path}@7,batch_size=2,tokenizer={model_dir}",
+      {"batch_size": 1, "device": None})
+  assert run.batch_size == 2  # model_args win over the command line's default
+  want = lms[1].loglikelihood(_mc_requests(), disable_tqdm=True)
+  for (a, greedy_a), (b, greedy_b) in zip(want, run.loglikelihood(_mc_requests(), True)):
+    assert abs(a - b) <= REL * max(1.0, abs(a)) and greedy_a == greedy_b  # other batch shapes
+
+
+def test_data_parallel_and_sharded_meshes_give_the_same_results(setup, lms, fake_devices):
+  """Two fake CPU devices: batch rows split over them, then parameters sharded (fsdp)."""
+  from lm_eval.api.instance import Instance
+  model_dir, _ = setup
+  mc = [r.args for r in _mc_requests()]
+  gen = [(d["prompt"], {"until": ["ab"], "max_gen_toks": 8}) for d in GEN_DOCS]
+  out = fake_devices(f"""
+    import json
+    from lm_eval.api.instance import Instance
+    import ease_jax.lm_eval as L
+    mc = [Instance("loglikelihood", {{}}, tuple(a), i) for i, a in enumerate({mc!r})]
+    gen = [Instance("generate_until", {{}}, tuple(a), i) for i, a in enumerate({gen!r})]
+    res = {{}}
+    for name, args in (("data", {{}}), ("fsdp", {{"data": 1, "fsdp": 2}})):
+      lm = L.EaseJaxLM(pretrained={model_dir!r}, batch_size=4, **args)
+      res[name] = [lm.loglikelihood(mc, True), lm.generate_until(gen, True), lm.mesh.size]
+    print(json.dumps(res))
+  """, n=2, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+  res = json.loads(out.strip().splitlines()[-1])
+  one_ll = lms[1].loglikelihood(_mc_requests(), disable_tqdm=True)
+  one_gen = lms[1].generate_until(
+      [Instance("generate_until", {}, a, i) for i, a in enumerate(gen)], disable_tqdm=True)
+  for name in ("data", "fsdp"):
+    lls, texts, devices = res[name]
+    assert devices == 2 and texts == one_gen, name
+    for (a, greedy_a), (b, greedy_b) in zip(one_ll, lls):
+      assert abs(a - b) <= REL * max(1.0, abs(a)) and greedy_a == greedy_b, name
