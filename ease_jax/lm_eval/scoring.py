@@ -79,11 +79,12 @@ class Scorer:
     """`rows` are (input tokens, continuation tokens); the continuation is scored at the
     input's last len(continuation) positions (input = (context + continuation)[:-1])."""
     n = len(rows)
-    # Rows: a power of two up to batch_size (few shapes to compile), a multiple of the mesh's
-    # data-parallel size.
-    B = math.ceil(min(_bucket(n, 1), max(self.batch_size, n)) / self.dp) * self.dp
+    # Few shapes to compile: always batch_size rows (a multiple of the mesh's data-parallel
+    # size), power-of-two lengths, and at least 16 continuation positions (the head over 16
+    # positions costs little next to the whole sequence's forward).
+    B = math.ceil(max(self.batch_size, n) / self.dp) * self.dp
     T = _bucket(max(len(inp) for inp, _ in rows), 16, max(self.max_length, 16))
-    C = _bucket(max(len(cont) for _, cont in rows), 1, T)
+    C = _bucket(max(len(cont) for _, cont in rows), 16, T)
     tokens = np.full((B, T), self.pad_id, np.int32)
     targets = np.zeros((B, C), np.int32)
     starts = np.zeros((B,), np.int32)
