@@ -11,6 +11,7 @@ tool and the import that failed. Exit 0 when everything passes, 1 otherwise.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import subprocess
 import sys
@@ -23,12 +24,24 @@ if str(ROOT) not in sys.path:  # run from a checkout
 
 import ease_jax  # noqa: E402  (after the path set-up above)
 
+# Subpackages that need an optional extra: (package, the library it needs, the extra).
+# They are checked when that library is installed and listed as skipped otherwise.
+OPTIONAL = (("ease_jax.lm_eval", "lm_eval", "eval"),)
+
+
+def optional_skips() -> list[tuple[str, str]]:
+  """(package, extra) for each optional subpackage whose library is not installed."""
+  return [(pkg, extra) for pkg, lib, extra in OPTIONAL if importlib.util.find_spec(lib) is None]
+
 
 def package_modules() -> list[str]:
-  """Every module and subpackage of ease_jax, by dotted name."""
+  """Every module and subpackage of ease_jax that this installation should import."""
+  skipped = tuple(pkg for pkg, _ in optional_skips())
   names = ["ease_jax"]
-  for info in pkgutil.walk_packages(ease_jax.__path__, prefix="ease_jax."):
-    names.append(info.name)
+  for info in pkgutil.walk_packages(ease_jax.__path__, prefix="ease_jax.",
+                                    onerror=lambda name: None):
+    if not any(info.name == pkg or info.name.startswith(pkg + ".") for pkg in skipped):
+      names.append(info.name)
   return sorted(names)
 
 
@@ -76,6 +89,8 @@ def main() -> int:
   failures = check_imports() + check_help()
   for line in failures:
     print(f"FAIL {line}", file=sys.stderr)
+  for pkg, extra in optional_skips():
+    print(f"skipped {pkg}: the optional extra [{extra}] is not installed")
   print(f"{len(modules)} modules imported, {len(tools)} tools answered --help: "
         f"{'all passed' if not failures else f'{len(failures)} failed'}")
   return 1 if failures else 0
