@@ -175,7 +175,7 @@ class Pipeline:
     """Renders the first record of each target type: template problems fail even under skip."""
     done: set[str] = set()
     for rec in (r for recs in self.records for r in recs):
-      if rec.target_type in done:
+      if rec.target_type in done or self.renderer.min_tokens(rec) - 1 > self.seq_len:
         continue
       try:
         self.renderer.render(rec)
