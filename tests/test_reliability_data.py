@@ -235,3 +235,33 @@ def test_the_character_bound_never_rejects_a_row_that_fits(demo_tok):
     for rec in load_records(dataclasses.replace(src, path=str(REPO / src.path)), "error",
                             BadRecords()):
       assert ren.min_tokens(rec) <= len(ren.render(rec))
+
+
+# ---------------------------------------------------------------- item 9: inspect_data's tokenizer
+
+def test_inspect_data_renders_a_ckpt_config_with_the_runs_tokenizer(in_repo, tmp_path, capsys,
+                                                                   demo_tok):
+  """A phase-2 config (`model.init_from=ckpt:RUN`) trains with RUN/tokenizer; inspect_data
+  used to render it with the bundled demo tokenizer. Here RUN's tokenizer has one more
+  token, which the rendered example must use."""
+  import importlib.util
+  run_tok = load_run_tokenizer(load_config(REPO / "configs" / "demo.yaml"))
+  run_tok.add_tokens(["<|marker|>"], special_tokens=True)
+  run_tok.save_pretrained(str(tmp_path / "run" / "tokenizer"))
+  rows = pr_rows(2, "<|marker|> Sure: 2 + 2 = 4.")
+  path = write_jsonl(tmp_path / "d.jsonl", rows)
+  spec = importlib.util.spec_from_file_location("inspect_data", REPO / "tools" / "inspect_data.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  args = ["--config", "configs/demo.yaml", f"model.init_from=ckpt:{tmp_path / 'run'}",
+          "data.eval=[]", "data.special_text=allow",
+          f"data.train=[{{adapter: prompt_response, path: {path}}}]", "-n", "1", "--json"]
+  assert tool.main(args) == 0
+  shown = json.loads(capsys.readouterr().out)
+  assert shown["summary"]["tokenizer"] == str(tmp_path / "run" / "tokenizer")
+  assert shown["summary"]["vocab_size"] == len(demo_tok) + 1
+  ex = shown["examples"][0]
+  marker_ids = run_tok.encode("<|marker|>", add_special_tokens=False)
+  assert len(marker_ids) == 1 and "<|marker|>" in ex["text"]
+  assert ex["supervised_tokens"] == len(run_tok.encode("<|marker|> Sure: 2 + 2 = 4.",
+                                                       add_special_tokens=False)) + 1
