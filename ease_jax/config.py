@@ -7,6 +7,7 @@ is allowed.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -38,6 +39,7 @@ AT_LEAST_ONE = Check(lambda v: v >= 1, "an integer >= 1", (0, -1))
 RATIO_BELOW_1 = Check(lambda v: 0 <= v < 1, "a ratio in [0, 1)", (1.0, -0.1))
 RATIO = Check(lambda v: 0 <= v <= 1, "a ratio in [0, 1]", (1.5, -0.1))
 SEED = Check(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)", (-1, 2**32))
+PROBABILITY = Check(lambda v: 0 < v <= 1, "a number in (0, 1]", (0, 1.5))
 NOT_EMPTY = Check(lambda v: bool(v.strip()), "a non-empty path", ("", " "))
 
 
@@ -206,6 +208,21 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
   behavior: BehaviorConfig = BehaviorConfig()
+
+
+def arg(tp: type, check: Check) -> Callable[[str], Any]:
+  """An argparse `type=` for the tools: converts with `tp` (floats must be finite) and
+  refuses values that fail `check`, as argparse does (`error: argument --x: ...`, exit 2)."""
+  def parse(text: str) -> Any:
+    try:
+      value = tp(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {tp.__name__}, got {text!r}") from None
+    if (tp is float and not math.isfinite(value)) or not check.ok(value):
+      raise argparse.ArgumentTypeError(f"{value!r} is not allowed; expected {check.allowed}")
+    return value
+  parse.__name__ = tp.__name__
+  return parse
 
 
 def checks(cls: type = None, prefix: str = "") -> dict[str, Check]:

@@ -136,3 +136,22 @@ def test_values_out_of_range_name_the_key(override, message):
 def test_one_objective_weight_may_be_zero():
   cfg = load_config(CONFIGS[0], ["loss.objective_weights.direct=0"])
   assert cfg.loss.objective_weights.direct == 0.0
+
+
+def test_tool_number_arguments_are_checked_with_the_same_constraints(capsys):
+  import argparse
+  import importlib.util
+  from ease_jax.config import POSITIVE, arg
+  assert arg(float, POSITIVE)("2.5") == 2.5
+  for bad in ("0", "-1", "nan", "inf", "two"):
+    with pytest.raises(argparse.ArgumentTypeError):
+      arg(float, POSITIVE)(bad)
+  tools = Path(__file__).resolve().parents[1] / "tools"
+  spec = importlib.util.spec_from_file_location("export_hf", tools / "export_hf.py")
+  export_hf = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(export_hf)
+  with pytest.raises(SystemExit) as e:
+    export_hf.main(["--checkpoint", "run", "--out", "out", "--max_shard_gb", "0"])
+  assert e.value.code == 2
+  assert "argument --max_shard_gb: 0.0 is not allowed; expected a positive number" in (
+      capsys.readouterr().err)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ease_jax.config import POSITIVE, arg  # noqa: E402
 from ease_jax.errors import run_main  # noqa: E402
 
 
@@ -27,8 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--adapter", default="prompt_response", help="the eval file's adapter")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--judge", default=None, help="refusal | llama_guard:HF_DIR | python:module:fn")
-  p.add_argument("--max_new_tokens", type=int, default=256)
-  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--max_new_tokens", type=arg(int, POSITIVE), default=256)
+  p.add_argument("--batch_size", type=arg(int, POSITIVE), default=16)
   return p.parse_args(argv)
 
 

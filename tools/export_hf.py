@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import checkpoint, export  # noqa: E402
+from ease_jax.config import POSITIVE, arg  # noqa: E402
 from ease_jax.errors import run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   p.add_argument("--verify", action="store_true", help="compare logits with transformers")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  p.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors file size limit")
+  p.add_argument("--max_shard_gb", type=arg(float, POSITIVE), default=2.0, help="safetensors file size limit")
   return p.parse_args(argv)
 
 

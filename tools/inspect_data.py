@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from ease_jax import init  # noqa: E402
-from ease_jax.config import load_config  # noqa: E402
+from ease_jax.config import NON_NEGATIVE, arg, load_config  # noqa: E402
 from ease_jax.data import report  # noqa: E402
 from ease_jax.data.pipeline import OVERLONG, Pipeline  # noqa: E402
 from ease_jax.errors import DataError, UserError  # noqa: E402
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--config", help="YAML config (default: the built-in defaults)")
   ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-  ap.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+  ap.add_argument("-n", type=arg(int, NON_NEGATIVE), default=3, help="examples to show (default 3)")
   ap.add_argument("--split", choices=("train", "eval"), default="train")
   ap.add_argument("--json", action="store_true", help="print one JSON object instead")
   args = ap.parse_args(argv)
