@@ -73,6 +73,15 @@ def test_eval_set_that_is_all_overlong_stops_at_start_up_and_the_run_resumes(in_
   assert "resuming from step 1 of 2" in capsys.readouterr().out
 
 
+def test_a_nonfinite_eval_loss_stops_the_run_before_it_saves(in_repo, tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, "evaluate", lambda run, state: {"eval/loss/total": float("nan")})
+  cfg = tiny(tmp_path, "train.steps=1", "data.eval=[{name: ev, adapter: prompt_response, "
+             "path: data/demo/calib_direct.jsonl, max_rows: 4}]")
+  with pytest.raises(loop.NonFiniteLossError, match="the eval loss became nan at step 1"):
+    loop.train(cfg)
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
 def test_evaluate_without_any_batch_returns_nothing_instead_of_crashing():
   run = SimpleNamespace(eval_data=[], cfg=None, mesh=None)
   assert loop.evaluate(run, state=None) == {}

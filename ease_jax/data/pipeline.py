@@ -155,18 +155,17 @@ class Pipeline:
                         "{adapter, path, weight})")
     self.renderer = Renderer(tokenizer, data_cfg.chat_template, data_cfg.system_prompt,
                              data_cfg.empty_think, data_cfg.special_text)
-    self.bad_rows = [BadRecords() for _ in self.sources]  # per source, for `source_report`
+    self.bad_rows = [BadRecords() for _ in self.sources]  # per source: ease_jax.data.report
     self.records = [load_records(s, data_cfg.on_bad_record, b)
                     for s, b in zip(self.sources, self.bad_rows)]
-    bad = BadRecords(count=sum(b.count for b in self.bad_rows),
-                     reasons=[r for b in self.bad_rows for r in b.reasons][:5])
     self.source_names = [source_name(s) for s in self.sources]
     dup = {n for n in self.source_names if self.source_names.count(n) > 1}
     if dup:
       raise ConfigError(f"data.{split}: several sources are named {sorted(dup)}; give each a "
                         "distinct 'name'")
     self._source_index = {n: i for i, n in enumerate(self.source_names)}
-    self.stats = Stats(skipped=bad.count, skip_reasons=list(bad.reasons))
+    self.stats = Stats(skipped=sum(b.count for b in self.bad_rows),
+                       skip_reasons=[r for b in self.bad_rows for r in b.reasons][:5])
     self._check_template()
     self._dropped_in_a_row = 0
     self.dataset = self._build()
