@@ -83,6 +83,9 @@ class _BothShards:
   def __iter__(self):
     return _Zip([iter(p) for p in self.parts])
 
+  def __getattr__(self, name):  # records, sources, render, ...: each part holds every record
+    return getattr(self.parts[0], name)
+
 
 class _Zip:
   def __init__(self, its):
