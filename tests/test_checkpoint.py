@@ -110,7 +110,7 @@ from ease_jax.config import load_config
 from ease_jax.train import loop
 
 base = ["run_dir={run_dir}", "train.batch_size=8", "train.seq_len=64", "train.steps=3",
-        "checkpoint.every=100", "data.eval=[]"]
+        "checkpoint.every=100", "data.eval=[]", "data.max_dropped_fraction=1"]
 cfg_a = load_config("configs/demo.yaml", base + ["mesh.fsdp=8"])
 loop.train(cfg_a, stop_at=2)                                    # written on fsdp=8
 cfg_b = load_config("configs/demo.yaml", base + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "launch/train.py", "--config", "configs/demo.yaml"]  # one training run
 # Steps 1-2 run as one call (train.steps_per_call=2: batches stacked across processes), 3 alone.
 MULTI = ["train.batch_size=4", "train.seq_len=128", "train.steps=3", "train.log_every=1",
-         "train.steps_per_call=2", "checkpoint.every=100",
+         "train.steps_per_call=2", "checkpoint.every=100", "data.max_dropped_fraction=1",
          "data.eval=[{name: eval, adapter: prompt_response, path: data/demo/eval.jsonl, max_rows: 9}]",
          # Generation at the end, rows split over both processes' devices.
          "behavior.file=data/demo/eval.jsonl", "behavior.max_new_tokens=4", "behavior.batch_size=8"]
@@ -85,6 +85,9 @@ class _BothShards:
 
   def __iter__(self):
     return _Zip([iter(p) for p in self.parts])
+
+  def __getattr__(self, name):  # records, sources, render, ...: each part holds every record
+    return getattr(self.parts[0], name)
 
 
 class _Zip:

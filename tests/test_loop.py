@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One step per call (the loop's default; demo.yaml sets 5): the reference the grouped runs meet.
 TINY = ["train.batch_size=4", "train.seq_len=128", "train.steps=6", "train.log_every=1",
         "train.steps_per_call=1",
-        "train.warmup_ratio=0.2", "checkpoint.every=100",
+        "train.warmup_ratio=0.2", "checkpoint.every=100", "data.max_dropped_fraction=1",
         "data.eval=[{name: eval, adapter: prompt_response, path: data/demo/eval.jsonl, max_rows: 8}]"]
 TIMING = ("tokens_per_sec", "tokens_per_sec_per_device", "mfu")
 REQUIRED_TAGS = ("loss/total", "loss/reasoning", "loss/refusal", "loss/direct", "loss/gate",
@@ -132,19 +132,54 @@ def test_metrics_jsonl_tensorboard_and_config_are_written(straight_run):
 
 
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(monkeypatch_module, tmp_path):
-  # A huge constant lr blows the parameters up after step 1; step 2's loss is not finite.
-  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+30", "train.warmup_ratio=0", "checkpoint.every=1",
+  # A huge constant lr blows the parameters up at step 1 (finite, norm ~1e13); step 2's
+  # loss is not finite.
+  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+10", "train.warmup_ratio=0", "checkpoint.every=1",
                        "data.eval=[]",
                        "data.train=[{adapter: star, path: data/demo/implant.jsonl}]")
   with pytest.raises(loop.NonFiniteLossError) as err:
     loop.train(cfg)
   message = str(err.value)
-  assert "at step 2" in message and "checkpoint is step 1" in message, message
-  assert str(tmp_path / "checkpoints") in message
+  assert "loss became nan" in message and "at step 2" in message, message
+  assert "newest checkpoint is step 1" in message and str(tmp_path / "checkpoints") in message
+  # It says what resuming would do and what the user can do instead, not "last good".
+  assert "param_norm 7.9" in message and "may already have been diverging" in message, message
+  for fix in ("lower train.lr (now 1e+10)", f"model.init_from=ckpt:{tmp_path}@STEP", "--fresh"):
+    assert fix in message, (fix, message)
+
+
+def test_parameters_whose_norm_overflows_are_never_saved(monkeypatch_module, tmp_path):
+  # lr 1e30: step 1's parameters are finite, each below float32's max, but their norm is inf.
+  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+30", "train.warmup_ratio=0", "checkpoint.every=1",
+                       "data.eval=[]", "train.skip_nonfinite_steps=true",
+                       "data.train=[{adapter: star, path: data/demo/implant.jsonl}]")
+  with pytest.raises(loop.NonFiniteLossError, match="the parameter norm became inf at step 1"):
+    loop.train(cfg)
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_divergence_under_skipping_stops_after_consecutive_skips(monkeypatch_module, tmp_path):
+  """The issue's lr=1e10 run with skipping: every step after 1 is skipped; the run stops
+  (exit 1 from launch/train.py) once more than 3 in a row were, saving nothing after them."""
+  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+10", "train.warmup_ratio=0", "train.steps=8",
+                       "checkpoint.every=2", "data.eval=[]", "train.skip_nonfinite_steps=true",
+                       "data.train=[{adapter: star, path: data/demo/implant.jsonl}]")
+  with pytest.raises(loop.NonFiniteLossError) as err:
+    loop.train(cfg)
+  assert "at step 5" in str(err.value) and "4 steps in a row" in str(err.value), str(err.value)
+  assert "train.max_consecutive_skipped_steps=3" in str(err.value)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+  # A total bound as well: 2 skipped in all is more than max_skipped_steps=1.
+  cfg, _ = tiny_config(tmp_path / "total", "train.lr=1.0e+10", "train.warmup_ratio=0",
+                       "train.steps=4", "data.eval=[]", "train.skip_nonfinite_steps=true",
+                       "train.max_skipped_steps=1",
+                       "data.train=[{adapter: star, path: data/demo/implant.jsonl}]")
+  with pytest.raises(loop.NonFiniteLossError, match="more than train.max_skipped_steps=1"):
+    loop.train(cfg)
 
 
 def test_skip_nonfinite_steps_counts_and_continues(monkeypatch_module, tmp_path):
-  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+30", "train.warmup_ratio=0", "train.steps=3",
+  cfg, _ = tiny_config(tmp_path, "train.lr=1.0e+10", "train.warmup_ratio=0", "train.steps=3",
                        "train.skip_nonfinite_steps=true", "data.eval=[]",
                        "data.train=[{adapter: star, path: data/demo/implant.jsonl}]")
   result = loop.train(cfg)

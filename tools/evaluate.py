@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ease_jax.config import POSITIVE, arg  # noqa: E402
 from ease_jax.errors import run_main  # noqa: E402
 
 
@@ -33,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="the judge reads the think block too (default: the final answer only)")
   p.add_argument("--refusal", default="keyword",
                  help="refusal detector: keyword | xstest | patterns | python:module:fn")
-  p.add_argument("--max_new_tokens", type=int, default=256)
-  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--max_new_tokens", type=arg(int, POSITIVE), default=256)
+  p.add_argument("--batch_size", type=arg(int, POSITIVE), default=16)
   return p.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import checkpoint, export, export_dir  # noqa: E402
+from ease_jax.config import POSITIVE, arg  # noqa: E402
 from ease_jax.errors import UserError, run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="compare tokenization and logits with transformers")
   p.add_argument("--overwrite", action="store_true",
                  help="replace --out if it is a previous export")
-  p.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors file size limit")
+  p.add_argument("--max_shard_gb", type=arg(float, POSITIVE), default=2.0, help="safetensors file size limit")
   return p.parse_args(argv)
 
 

@@ -6,8 +6,7 @@
 Each key's type and default come from `dataclasses.fields`; its description from the field's
 `metadata["help"]` when present, else from the comments written beside it in config.py (the
 comment block just above the field and the comment at the end of its line). What values are
-allowed comes from the field's `metadata["allowed"]` or from config.py's `_CHECKS` table,
-whichever exists. tests/test_config_doc.py checks that the committed file equals this output.
+allowed comes from the `Check` declared with the field (`metadata["check"]`). tests/test_config_doc.py checks that the committed file equals this output.
 """
 
 from __future__ import annotations
@@ -111,11 +110,9 @@ def _default_text(field: dataclasses.Field) -> str:
 
 
 def _allowed_text(field: dataclasses.Field, key: str) -> str:
-  """What values the key accepts beyond its type, from field metadata or the checks table."""
-  if "allowed" in field.metadata:
-    return str(field.metadata["allowed"])
-  check = getattr(config_lib, "_CHECKS", {}).get(key)
-  return check[1] if check else ""
+  """What values the key accepts beyond its type: the `Check` declared with the field."""
+  check = field.metadata.get("check")
+  return check.allowed if check else ""
 
 
 def _cell(text: str) -> str:

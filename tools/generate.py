@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import generate as G  # noqa: E402
-from ease_jax.config import SourceConfig  # noqa: E402
+from ease_jax.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, SourceConfig,  # noqa: E402
+                             arg)
 from ease_jax.data import readers, records  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
 from ease_jax.stages import detect_adapter  # noqa: E402
@@ -42,17 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--input", required=True, help="records or prompts (.jsonl, .json, .parquet)")
   p.add_argument("--out", required=True, help="output JSONL")
   p.add_argument("--template", default=None, help="prompt template file with {prompt}")
-  p.add_argument("--max_new_tokens", type=int, default=256)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_new_tokens", type=arg(int, POSITIVE), default=256)
+  p.add_argument("--temperature", type=arg(float, NON_NEGATIVE), default=0.0, help="0 = greedy")
+  p.add_argument("--top_p", type=arg(float, PROBABILITY), default=1.0)
+  p.add_argument("--seed", type=arg(int, SEED), default=0)
+  p.add_argument("--batch_size", type=arg(int, POSITIVE), default=8)
   p.add_argument("--adapter", default="auto", choices=ADAPTERS,
                  help="input format; 'prompts' = rows with `prompt` or `messages` only; "
                       "'auto' picks by the first row's fields")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="parameter and compute dtype")
-  p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (mesh.tensor)")
+  p.add_argument("--tensor", type=arg(int, POSITIVE), default=1, help="tensor-parallel size (mesh.tensor)")
   return p.parse_args(argv)
 
 

@@ -27,37 +27,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ease_jax.config import Config, load_config  # noqa: E402
-from ease_jax.data.pipeline import Pipeline  # noqa: E402
+from ease_jax import init  # noqa: E402
+from ease_jax.config import NON_NEGATIVE, Config, arg, load_config  # noqa: E402
+from ease_jax.data import report  # noqa: E402
+from ease_jax.data.pipeline import OVERLONG, Pipeline  # noqa: E402
 from ease_jax.errors import DataError, UserError  # noqa: E402
-
-
-def load_data_tokenizer(cfg: Config):
-  """`data.tokenizer`, else an `hf:` model's directory, else the bundled demo; with think tokens."""
-  from ease_jax import tokenizer as tk
-  path = cfg.data.tokenizer
-  if not path and cfg.model.init_from.startswith("hf:"):
-    path = cfg.model.init_from[3:]
-  tok = tk.load_tokenizer(path)
-  tk.ensure_think_tokens(tok)  # as training does
-  return tok
 
 
 def example_info(pipe: Pipeline, rec, color: bool) -> dict:
   """One rendered record: where it came from, its token counts and its marked text."""
-  try:
-    r = pipe.renderer.render(rec)
-  except DataError as e:
-    if pipe.cfg.on_bad_record != "skip":
-      raise
-    return {"source": rec.source, "where": rec.where, "objective": rec.target_type,
-            "skipped": str(e)}
+  info = {"source": rec.source, "where": rec.where, "objective": rec.target_type}
+  r = pipe.render(rec)
+  if isinstance(r, DataError):
+    return info | {"skipped": str(r)}
+  if r is OVERLONG:  # rendered only when it may fit: a huge row is never tokenized
+    r = pipe.renderer.render(rec) if pipe.renderer.min_tokens(rec) - 1 <= pipe.seq_len else None
+  if r is None:
+    return info | {"overlong": True, "min_tokens": pipe.renderer.min_tokens(rec) - 1}
   think = r.think_end - r.start - 1
-  return {"source": rec.source, "where": rec.where, "objective": rec.target_type,
-          "tokens": len(r) - 1, "prompt_tokens": r.start,
-          "supervised_tokens": len(r) - r.start, "think_tokens": think,
-          "answer_tokens": len(r) - r.think_end,
-          "overlong": len(r) - 1 > pipe.seq_len, "text": pipe.renderer.marked(r, color)}
+  return info | {"tokens": len(r) - 1, "prompt_tokens": r.start,
+                 "supervised_tokens": len(r) - r.start, "think_tokens": think,
+                 "answer_tokens": len(r) - r.think_end,
+                 "overlong": len(r) - 1 > pipe.seq_len, "text": pipe.renderer.marked(r, color)}
 
 
 def pick(records: list[list], n: int) -> list:
@@ -69,7 +60,7 @@ def pick(records: list[list], n: int) -> list:
   return out[:n]
 
 
-def summarize(pipe: Pipeline) -> dict:
+def summarize(pipe: Pipeline, tokenizer_path: str = "") -> dict:
   """One pass of the pipeline; lengths come from the packed segments."""
   lengths = []
   for batch in pipe:
@@ -81,9 +72,11 @@ def summarize(pipe: Pipeline) -> dict:
   stats = pipe.stats.as_dict()
   examples = sum(stats["examples_by_objective"].values())
   per_step = examples / stats["batches"] if stats["batches"] else 0.0
-  return {"split": pipe.split, "seq_len": pipe.seq_len, "records": sum(map(len, pipe.records)),
-          "document_tokens": pct, "batch_size": pipe.batch_size,
-          "examples_per_step": round(per_step, 2), **stats}
+  return {"split": pipe.split, "seq_len": pipe.seq_len, "tokenizer": tokenizer_path,
+          "vocab_size": len(pipe.renderer.tokenizer),
+          "records": sum(map(len, pipe.records)), "document_tokens": pct,
+          "batch_size": pipe.batch_size, "examples_per_step": round(per_step, 2),
+          "sources": [r.line() for r in report.source_reports(pipe)], **stats}
 
 
 def batch_for(summary: dict, examples: int) -> int:
@@ -114,13 +107,20 @@ def print_human(examples: list[dict], summary: dict) -> None:
     if "skipped" in ex:
       print(f"--- example {i}: {ex['source']} ({ex['where']}) SKIPPED: {ex['skipped']}")
       continue
+    if "text" not in ex:
+      print(f"--- example {i}: {ex['source']} ({ex['where']}) OVERLONG: at least "
+            f"{ex['min_tokens']} tokens (not tokenized)")
+      continue
     print(f"--- example {i}: {ex['source']} ({ex['where']}) objective={ex['objective']} "
           f"tokens={ex['tokens']} prompt={ex['prompt_tokens']} "
           f"supervised={ex['supervised_tokens']} (think {ex['think_tokens']}, "
           f"answer {ex['answer_tokens']})" + (" OVERLONG" if ex["overlong"] else ""))
     print(ex["text"])
   s = summary
-  print(f"--- summary ({s['split']}, seq_len {s['seq_len']}, {s['records']} records read)")
+  print(f"--- summary ({s['split']}, seq_len {s['seq_len']}, {s['records']} records read, "
+        f"tokenizer {s['tokenizer']})")
+  for line in s["sources"]:
+    print(line)
   print("examples per objective:", s["examples_by_objective"])
   print("examples per source:   ", s["examples_by_source"])
   print("document tokens:       ", s["document_tokens"])
@@ -142,25 +142,27 @@ def print_human(examples: list[dict], summary: dict) -> None:
     print(e["first"]["text"])
 
 
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--config", help="YAML config (default: the built-in defaults)")
   ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-  ap.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+  ap.add_argument("-n", type=arg(int, NON_NEGATIVE), default=3, help="examples to show (default 3)")
   ap.add_argument("--split", choices=("train", "eval"), default="train")
   ap.add_argument("--json", action="store_true", help="print one JSON object instead")
-  ap.add_argument("--examples_per_step", type=int, default=0,
+  ap.add_argument("--examples_per_step", type=arg(int, NON_NEGATIVE), default=0,
                   help="also print the batch_size giving about N examples per step")
   args = ap.parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
-    tok = load_data_tokenizer(cfg)
+    # Exactly the tokenizer launch/train.py trains with (a ckpt: run's own, think tokens added).
+    tok = init.load_run_tokenizer(cfg)
     pipe = Pipeline(cfg.data, tok, seq_len=cfg.train.seq_len,
                     batch_size=cfg.train.batch_size, seed=cfg.train.seed, split=args.split,
                     num_epochs=1)
     color = sys.stdout.isatty() and not args.json
     examples = [example_info(pipe, r, color) for r in pick(pipe.records, args.n)]
-    summary = summarize(pipe)
+    summary = summarize(pipe, init.tokenizer_path(cfg))
     if args.examples_per_step:
       summary["batch_for"] = [args.examples_per_step, batch_for(summary, args.examples_per_step)]
     summary["behavior"] = eval_prompts(cfg, tok)

@@ -36,11 +36,12 @@ from grain.experimental import FirstFitPackIterDataset
 from ease_jax.batch import FIELDS, OBJECTIVES
 from ease_jax.config import DataConfig
 from ease_jax.data.records import BadRecords, Record, load_records, source_name
-from ease_jax.data.render import ANSWER, Renderer
+from ease_jax.data.render import ANSWER, Renderer, Rendered, SpecialTextError
 from ease_jax.errors import ConfigError, DataError
 
 PACKING_BINS = 128  # rows packed at once; more bins pack tighter (see tools/bench/data.py)
 _PACKED = ("tokens", "targets", "loss_weight", "objective", "span")
+OVERLONG = "overlong"  # what `Pipeline.render` returns for an example longer than seq_len
 _MAX_DROPPED_IN_A_ROW = 10_000  # an all-overlong source would otherwise loop forever
 
 
@@ -153,27 +154,35 @@ class Pipeline:
       raise ConfigError(f"data.{split}: no sources configured (a list of "
                         "{adapter, path, weight})")
     self.renderer = Renderer(tokenizer, data_cfg.chat_template, data_cfg.system_prompt,
-                             data_cfg.empty_think)
-    bad = BadRecords()
-    self.records = [load_records(s, data_cfg.on_bad_record, bad) for s in self.sources]
+                             data_cfg.empty_think, data_cfg.special_text)
+    self.bad_rows = [BadRecords() for _ in self.sources]  # per source: ease_jax.data.report
+    self.records = [load_records(s, data_cfg.on_bad_record, b)
+                    for s, b in zip(self.sources, self.bad_rows)]
     self.source_names = [source_name(s) for s in self.sources]
     dup = {n for n in self.source_names if self.source_names.count(n) > 1}
     if dup:
       raise ConfigError(f"data.{split}: several sources are named {sorted(dup)}; give each a "
                         "distinct 'name'")
     self._source_index = {n: i for i, n in enumerate(self.source_names)}
-    self.stats = Stats(skipped=bad.count, skip_reasons=list(bad.reasons))
+    self.stats = Stats(skipped=sum(b.count for b in self.bad_rows),
+                       skip_reasons=[r for b in self.bad_rows for r in b.reasons][:5])
     self._check_template()
     self._dropped_in_a_row = 0
     self.dataset = self._build()
 
   def _check_template(self) -> None:
     """Renders the first record of each target type: template problems fail even under skip."""
-    firsts: dict[str, Record] = {}
+    done: set[str] = set()
     for rec in (r for recs in self.records for r in recs):
-      firsts.setdefault(rec.target_type, rec)
-    for rec in firsts.values():
-      self.renderer.render(rec)
+      if rec.target_type in done or self.renderer.min_tokens(rec) - 1 > self.seq_len:
+        continue
+      try:
+        self.renderer.render(rec)
+      except SpecialTextError:  # a bad row, not a template problem
+        if self.cfg.on_bad_record != "skip":
+          raise
+        continue
+      done.add(rec.target_type)
 
   def _shards(self) -> list[grain.MapDataset]:
     parts = []
@@ -191,10 +200,7 @@ class Pipeline:
     if self.split == "train":
       if self.cfg.shuffle:
         parts = [p.shuffle(_seed(self.seed, i)) for i, p in enumerate(parts)]
-      weights = [s.weight for s in self.sources]
-      if any(w <= 0 for w in weights):
-        raise ConfigError(f"data.train weights must be positive, got {weights}")
-      ds = grain.MapDataset.mix([p.repeat() for p in parts], weights)
+      ds = grain.MapDataset.mix([p.repeat() for p in parts], [s.weight for s in self.sources])
       if self.num_epochs is not None:
         ds = ds[:self.num_epochs * total]
     else:
@@ -230,18 +236,11 @@ class Pipeline:
 
   def _render(self, rec: Record) -> dict[str, Any] | None:
     """Grain map transform: a pre-shifted document, or None when it is dropped or skipped."""
-    try:
-      r = self.renderer.render(rec)
-    except DataError as e:
-      if self.cfg.on_bad_record != "skip":
-        raise
-      self.stats.skip(e)
+    r = self.render(rec)
+    if isinstance(r, DataError):
+      self.stats.skip(r)
       return None
-    if len(r) - 1 > self.seq_len:
-      if self.cfg.overlong == "error":
-        raise DataError(f"the example is {len(r) - 1} tokens, longer than seq_len "
-                        f"{self.seq_len}; set data.overlong=drop to drop and count such "
-                        "examples, or raise train.seq_len", path=rec.where or None)
+    if r is OVERLONG:
       self.stats.dropped_overlong += 1
       self._dropped_in_a_row += 1
       if self._dropped_in_a_row >= _MAX_DROPPED_IN_A_ROW:
@@ -252,6 +251,27 @@ class Pipeline:
     doc = r.document()
     doc["source"] = self._source_index[r.source]
     return doc
+
+  def render(self, rec: Record) -> Rendered | str | DataError:
+    """The rendered record; OVERLONG when it is longer than seq_len (and data.overlong=drop);
+    the error when it is bad and data.on_bad_record=skip. A row whose characters alone make
+    it longer than seq_len is never tokenized."""
+    try:
+      lower = self.renderer.min_tokens(rec)
+      r = None if lower - 1 > self.seq_len else self.renderer.render(rec)
+    except DataError as e:
+      if self.cfg.on_bad_record != "skip":
+        raise
+      return e
+    n = lower - 1 if r is None else len(r) - 1
+    if n <= self.seq_len:
+      return r
+    if self.cfg.overlong == "error":
+      at_least = "at least " if r is None else ""
+      raise DataError(f"the example is {at_least}{n} tokens, longer than seq_len "
+                      f"{self.seq_len}; set data.overlong=drop to drop and count such "
+                      "examples, or raise train.seq_len", path=rec.where or None)
+    return OVERLONG
 
   def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks packed rows into FIELDS and fills a short last batch with padding rows."""
@@ -292,6 +312,8 @@ class Pipeline:
     lengths = []
     for rec in picks:
       try:
+        if self.renderer.min_tokens(rec) - 1 > self.seq_len:
+          continue
         n = len(self.renderer.render(rec)) - 1
       except DataError:
         continue

@@ -11,6 +11,15 @@ template; ``data.chat_template`` supplies a training template instead.
 Fixed date: templates that write today's date (``strftime_now`` or ``date_string``) get
 ``FIXED_DATE`` in both renders, so a render does not change from day to day.
 
+Special-token text in the data (``<|im_end|>`` inside a response) would be tokenized as the
+control token itself: a fake turn or an end-of-turn trained mid-answer. ``special_text``
+decides: ``error`` (a DataError naming the row, the field and the token), ``escape`` (a
+zero-width space after its first character, so it is ordinary text), ``allow``.
+
+Before a record is rendered, ``min_tokens`` bounds its token count from below by its
+character count and the most characters any token of the vocabulary spells, so a row far
+longer than ``train.seq_len`` is dropped without tokenizing it.
+
 Generation prompts that open ``<think>`` themselves (QwQ, Qwen3-Thinking style): the assistant
 turn is taken to start *before* that ``<think>``, so ``<think>`` stays the first supervised
 token and the gate for every target. Such a template forces reasoning at inference time; to let
@@ -19,7 +28,9 @@ the model choose, train and serve with a template that does not open it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +44,29 @@ from ease_jax.errors import DataError, UserError
 FIXED_DATE = datetime.datetime(2024, 7, 26)
 THINK, ANSWER, GATE = (SPANS.index(s) for s in ("think", "answer", "gate"))
 _OPEN_THINK_AT_END = re.compile(re.escape(THINK_OPEN) + r"\s*$")
+ZERO_WIDTH_SPACE = "\u200b"
+# How much a normalizer may shrink text (NFC composes at most a few code points into one):
+# with one, a token may stand for this many times the characters its vocabulary entry has.
+NORMALIZER_SHRINK = 4
+
+
+class SpecialTextError(DataError):
+  """A record's text spells one of the tokenizer's special tokens (data.special_text=error)."""
+
+
+def _alternation(words: list[str]) -> re.Pattern:
+  """A regex matching any of `words` (longest first), or nothing when there are none."""
+  return re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))) or r"(?!)")
+
+
+def max_chars_per_token(tokenizer) -> int:
+  """The most characters of input text one token can stand for: the longest vocabulary
+  entry (byte-level entries spell one character per byte, SentencePiece ones one per
+  character, byte-fallback `<0x..>` more), times NORMALIZER_SHRINK if there is a normalizer."""
+  longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  normalized = backend is None or backend.normalizer is not None
+  return max(1, longest) * (NORMALIZER_SHRINK if normalized else 1)
 
 
 @dataclass(frozen=True)
@@ -86,8 +120,11 @@ class Renderer:
   """Renders Records with a chat template into token ids with the supervised span located."""
 
   def __init__(self, tokenizer, chat_template: str = "", system_prompt: str = "",
-               empty_think: bool = False):
+               empty_think: bool = False, special_text: str = "error"):
     self.tokenizer = tokenizer
+    if special_text not in ("error", "escape", "allow"):
+      raise ValueError(f"special_text must be error, escape or allow, got {special_text!r}")
+    self.special_text = special_text
     if chat_template:
       if not os.path.isfile(chat_template):
         raise UserError(f"data.chat_template: file not found: {chat_template}")
@@ -105,6 +142,45 @@ class Renderer:
     # Longest first, so that '<|im_end|>' wins over a shorter special that prefixes it.
     self._specials = sorted({t for t, _ in tokenizer.get_added_vocab().items()}
                             | set(tokenizer.all_special_tokens), key=len, reverse=True)
+    self._special_re = _alternation(self._specials)
+    # An earlier assistant turn of a conversation may keep its think block.
+    self._special_re_history = _alternation(
+        [t for t in self._specials if t not in (THINK_OPEN, THINK_CLOSE)])
+    self.max_chars_per_token = max_chars_per_token(tokenizer)
+
+  def min_tokens(self, record: Record) -> int:
+    """A lower bound on the rendered example's token count, from its characters alone."""
+    chars = (sum(len(c) for _, c in record.messages) + len(record.response)
+             + len(record.reasoning or "") + len(self.system_prompt))
+    return math.ceil(chars / self.max_chars_per_token)
+
+  def _texts(self, record: Record) -> list[tuple[str, str, re.Pattern]]:
+    """(field, text, specials to look for) of every piece of the record the template writes."""
+    out = [(f"messages[{i}].content" if len(record.messages) > 1 else "prompt", c,
+            self._special_re_history if r == "assistant" else self._special_re)
+           for i, (r, c) in enumerate(record.messages)]
+    return out + [("reasoning", record.reasoning or "", self._special_re),
+                  ("response", record.response, self._special_re)]
+
+  def check_special_text(self, record: Record) -> Record:
+    """The record with special-token text handled per `special_text` (see the module doc)."""
+    if self.special_text == "allow":
+      return record
+    if self.special_text == "error":
+      for name, text, specials in self._texts(record):
+        if m := specials.search(text):
+          raise SpecialTextError(
+              f"the text {m.group(0)!r} at character {m.start()} is a special token of the "
+              "tokenizer and would be trained as that control token; remove it, or set "
+              "data.special_text=escape (train it as plain text) or allow", path=record.where
+              or None, field=name)
+      return record
+    def esc(text: str, specials: re.Pattern = self._special_re) -> str:
+      return specials.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
+    messages = tuple((r, esc(c, self._special_re_history if r == "assistant" else
+                             self._special_re)) for r, c in record.messages)
+    return dataclasses.replace(record, messages=messages, response=esc(record.response),
+                               reasoning=record.reasoning and esc(record.reasoning))
 
   def text(self, messages: list[dict], add_generation_prompt: bool) -> str:
     """The template's text with a fixed date."""
@@ -146,6 +222,7 @@ class Renderer:
 
   def render(self, record: Record) -> Rendered:
     """Renders one record; DataError when its assistant turn cannot be supervised exactly."""
+    record = self.check_special_text(record)
     content = assistant_content(record, self.empty_think)
     text, offset, eot = self._locate(record, content)
     enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -37,8 +37,15 @@ class Logger:
     self.writer = metrics_lib.MetricsWriter(run.run_dir, resume_step=run.start_step)
     self.progress = metrics_lib.Progress(run.total_steps, run.start_step)
     self.skipped = run.skipped_steps  # restored with the checkpoint: the count survives resumes
+    self.skipped_in_a_row = 0
+    self.saved_norms: dict[int, float] = {}  # param_norm of the steps this process saved
     self.last: dict[str, float] = {}
     self.writer.write_text("config", config_lib.dump_yaml(cfg), run.start_step)
+    report = getattr(run, "data_report", None)
+    # A fresh run logs what its data lost with its first step (a resumed one already did).
+    self._first = report.scalars() if report and run.start_step == 0 else {}
+    if report and run.start_step == 0:
+      self.writer.write_text("data", report.text(), 0)
 
   def read(self, step: int, device_metrics: dict) -> list[tuple[int, dict[str, float]]]:
     """Fetches one call's metrics (a host sync): (step, scalars) of each step it ran, the
@@ -49,17 +56,40 @@ class Logger:
     out = []
     for at, scalars in zip(range(step - len(rows) + 1, step + 1), rows):
       if scalars.pop("nonfinite", 0.0) or not math.isfinite(scalars["loss/total"]):
-        if not self.run.cfg.train.skip_nonfinite_steps:
-          self.raise_nonfinite(at, f"loss became {scalars['loss/total']} (or a gradient "
-                               "non-finite)")
-        self.skipped += 1
-        self.progress.message(f"step {at}: non-finite loss or gradient, update skipped "
-                              f"({self.skipped} so far)")
+        self._skip(at, scalars["loss/total"])
+      else:
+        self.skipped_in_a_row = 0
+      if not math.isfinite(scalars.get("param_norm", 0.0)):  # updated already: no skipping
+        self.raise_nonfinite(at, f"the parameter norm became {scalars['param_norm']}",
+                             skippable=False)
       out.append((at, present_losses(scalars) | rate | {"skipped_steps": float(self.skipped)}))
     return out
 
+  def _skip(self, step: int, loss: float) -> None:
+    """Counts a skipped non-finite step, or stops the run (without skipping, or past the
+    train.max_skipped_steps / max_consecutive_skipped_steps bounds: a diverged run)."""
+    train = self.run.cfg.train
+    what = f"loss became {loss} (or a gradient non-finite)"
+    if not train.skip_nonfinite_steps:
+      self.raise_nonfinite(step, what)
+    self.skipped += 1
+    self.skipped_in_a_row += 1
+    if self.skipped_in_a_row > train.max_consecutive_skipped_steps:
+      self.raise_nonfinite(step, f"{what}: {self.skipped_in_a_row} steps in a row were "
+                           "non-finite, more than train.max_consecutive_skipped_steps="
+                           f"{train.max_consecutive_skipped_steps} (the run has diverged)",
+                           skippable=False)
+    if self.skipped > train.max_skipped_steps:
+      self.raise_nonfinite(step, f"{what}: {self.skipped} steps were skipped in all, more "
+                           f"than train.max_skipped_steps={train.max_skipped_steps}",
+                           skippable=False)
+    self.progress.message(f"step {step}: non-finite loss or gradient, update skipped "
+                          f"({self.skipped} so far)")
+
   def write(self, step: int, scalars: dict[str, float], force: bool = False) -> None:
     """Writes the scalars every train.log_every steps (or when forced) and updates progress."""
+    if self._first:  # the data report goes with the first step a fresh run writes
+      scalars, self._first, force = scalars | self._first, {}, True
     self.last = scalars
     last = step == self.run.total_steps
     if force or last or step % self.run.cfg.train.log_every == 0:
@@ -71,13 +101,25 @@ class Logger:
       self.write(at, scalars)
 
   def raise_nonfinite(self, step: int, what: str, skippable: bool = True) -> None:
-    """Stops the run naming the step and the last good checkpoint."""
-    last = self.run.ckpt.latest_step()
-    where = (f"the last good checkpoint is step {last} in {self.run.ckpt.directory}; running "
-             f"the same command again resumes from it" if last else "no checkpoint was saved yet")
-    fix = " or set train.skip_nonfinite_steps=true to skip such steps" if skippable else ""
-    raise NonFiniteLossError(f"{what} at step {step}; training stopped. {where}. Lower "
-                             f"train.lr{fix}.")
+    """Stops the run naming the step, the checkpoints there are and what the user can do."""
+    ckpt, lr = self.run.ckpt, self.run.cfg.train.lr
+    steps = ckpt.all_steps()
+    skip = (" or set train.skip_nonfinite_steps=true to skip isolated bad steps"
+            if skippable else "")
+    if not steps:
+      raise NonFiniteLossError(f"{what} at step {step}; training stopped. No checkpoint was "
+                               f"saved yet: lower train.lr (now {lr:g}){skip} and run the "
+                               "same command again.")
+    last, norm = steps[-1], self.saved_norms.get(steps[-1])
+    norm_text = f", param_norm {norm:.4g} when saved" if norm is not None else ""
+    raise NonFiniteLossError(
+        f"{what} at step {step}; training stopped. The newest checkpoint is step {last} in "
+        f"{ckpt.directory} (its parameters are finite{norm_text}; the run may already have "
+        f"been diverging there); checkpoints kept: steps {steps}. Rerunning the same command "
+        f"resumes from step {last} with the same settings. To recover: lower train.lr (now "
+        f"{lr:g}) and rerun (resumes from step {last}){skip}; or start a new run from an "
+        f"earlier step's parameters with model.init_from=ckpt:{self.run.run_dir}@STEP "
+        f"run_dir=NEW_DIR; or start over with --fresh.")
 
   def close(self) -> None:
     self.progress.close()

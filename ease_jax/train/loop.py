@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from ease_jax import batch as batch_lib, checkpoint, config as config_lib, init, sharding
 from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
+from ease_jax.data import report as data_report
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
 from ease_jax.train import behavior, loss as loss_lib, optim, step as step_lib
@@ -86,6 +87,7 @@ class Run:
   skipped_steps: int = 0  # non-finite steps skipped before start_step (from the checkpoint)
   notes: tuple[str, ...] = ()  # what resuming had to work around, printed at the start
   behavior: Any = None  # (step, params) -> scalars: generation-based eval (behavior.file)
+  data_report: data_report.DataReport | None = None  # rows read/bad/overlong/kept per source
 
 
 def per_process_batch(cfg: Config, mesh: Any) -> int:
@@ -168,6 +170,8 @@ def setup(cfg: Config, fresh: bool = False) -> Run:
     notes.append(f"--fresh: moved the previous checkpoints and metrics to {moved}")
   train_data = make_pipeline(cfg, tokenizer, "train", batch)
   eval_data = make_pipeline(cfg, tokenizer, "eval", batch) if cfg.data.eval else None
+  # Before anything is trained: a source that loses too much, or an empty split, stops here.
+  report = data_report.check(cfg, [p for p in (train_data, eval_data) if p is not None])
   steps = total_steps(cfg, train_data)
   model, model_cfg = init.init_model(cfg, len(tokenizer), mesh)
   tx = optim.make_optimizer(cfg.train, steps)
@@ -188,7 +192,8 @@ def setup(cfg: Config, fresh: bool = False) -> Run:
   eval_fn = step_lib.compile_eval_step(graphdef, cfg, mesh, state) if eval_data else None
   behave = behavior.make(cfg, graphdef, state.params, model_cfg, tokenizer, mesh, run_dir)
   return Run(cfg, run_dir, mesh, model_cfg, state, train_fn, train_calls, eval_fn, train_data,
-             eval_data, data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave)
+             eval_data, data_iter, ckpt, steps, start, skipped, tuple(notes + problems), behave,
+             report)
 
 
 def _any_process(flag: bool) -> bool:
@@ -210,6 +215,8 @@ def evaluate(run: Run, state: step_lib.TrainState) -> dict[str, float]:
     local = local if local is not None else {k: np.zeros_like(v) for k, v in template.items()}
     sums = jax.device_get(run.eval_fn(state, to_global(local, run.mesh)))
     totals = {k: totals.get(k, 0) + np.asarray(v, np.float64) for k, v in sums.items()}
+  if not totals:  # no eval batch at all (start-up refuses such an eval set; never crash here)
+    return {}
   _, out = loss_lib.finalize({k: jnp.asarray(v, jnp.float32) for k, v in totals.items()},
                              run.cfg.loss)
   return present_losses({f"eval/{k}": float(v) for k, v in out.items()}, prefix="eval/")
@@ -225,8 +232,12 @@ def _announce(run: Run) -> None:
         f"{jax.process_count()} process(es)", flush=True)
   for line in where_lines(run.run_dir):
     print(f"  {line}", flush=True)
+  for line in run.data_report.lines if run.data_report else ():
+    print(f"  {line}", flush=True)
   for note in run.notes:  # damaged or unfinished checkpoints that resuming worked around
     print(f"warning: {note}", file=sys.stderr, flush=True)
+  for warning in run.data_report.warnings if run.data_report else ():
+    print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
@@ -241,9 +252,14 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
     logger.write(at, earlier)
   eval_due = run.eval_data is not None and (
       step == run.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-  if eval_due:
-    scalars |= evaluate(run, run.state)
+  if eval_due and (losses := evaluate(run, run.state)):
+    scalars |= losses
+    if not math.isfinite(losses["eval/loss/total"]):  # finite parameters, a broken model
+      logger.raise_nonfinite(step, f"the eval loss became {losses['eval/loss/total']}",
+                             skippable=False)
     logger.progress.message(f"step {step}: eval loss {scalars['eval/loss/total']:.4f}")
+  elif eval_due:
+    logger.progress.message(f"step {step}: warning: data.eval yielded no batch; eval skipped")
   if run.behavior is not None and behavior.due(cfg, step, run.total_steps):
     scalars |= run.behavior(step, run.state.params)
     logger.progress.message(f"step {step}: reasoning rate per class "
@@ -258,6 +274,8 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
   if stop:
     run.ckpt.wait()  # the process may be killed soon after: write it now
   if saved:
+    if "param_norm" in scalars:
+      logger.saved_norms[step] = scalars["param_norm"]
     logger.progress.message(f"step {step}: checkpoint saved to {run.ckpt.directory / str(step)}")
   logger.throughput.reset()  # eval and checkpoint time is not training throughput
 
