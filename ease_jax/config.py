@@ -140,7 +140,7 @@ class TrainConfig:
   # With skip_nonfinite_steps: the run stops (exit 1) once more steps than this were skipped
   # in all, or more than max_consecutive_skipped_steps in a row (a diverged run skips every step).
   max_skipped_steps: int = _f(20, AT_LEAST_ONE)
-  max_consecutive_skipped_steps: int = _f(3, AT_LEAST_ONE)
+  max_consecutive_skipped_steps: int = _f(3, AT_LEAST_ONE)  # skipped steps in a row allowed
 
 
 @dataclass(frozen=True)
