@@ -89,8 +89,10 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  from ease_jax.checkpoint import quiet_orbax_noise
   from ease_jax.config import load_config
   from ease_jax.errors import UserError
+  quiet_orbax_noise()
   try:
     if args.config is None:
       if any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):

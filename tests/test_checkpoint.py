@@ -53,7 +53,7 @@ def test_save_restore_round_trip_with_iterator_and_model_config(tmp_path):
   _, other = tiny_state(seed=1)  # same structure, different values
   it = FakeIterator()
   restored, meta = checkpoint.Checkpointer(tmp_path, CheckpointConfig()).restore(7, other, it)
-  assert it.position == 41 and set(meta["checksums"]) == {"params", "train"}
+  assert it.position == 41 and set(meta["checksums"]) == {"params", "train", "data", "model_config"}
   assert_trees_equal(restored, state)
   assert type(restored) is type(state)
   model_cfg, step = checkpoint.read_model_config(tmp_path)
