@@ -27,9 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import sys
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ease_jax import ckpt_verify as verify
+from ease_jax import ckpt_errors, ckpt_verify as verify
 from ease_jax.config import CheckpointConfig
 from ease_jax.errors import UserError
 from ease_jax.models import DecoderConfig
@@ -118,38 +116,6 @@ def model_config_from_json(d: dict) -> DecoderConfig:
   return DecoderConfig(**d)
 
 
-def quiet_orbax_noise() -> None:
-  """For command-line tools: orbax's failures reach the caller as exceptions (which the
-  tools turn into one `error:` line), so its own ERROR logs with tracebacks (hundreds of
-  lines on a full disk) are dropped, and so are the "Event loop is closed" errors that
-  tensorstore's late callbacks raise after orbax gave up reading a damaged step."""
-  logging.getLogger("absl").addFilter(
-      lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
-  previous = sys.unraisablehook
-
-  def hook(unraisable: Any) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  sys.unraisablehook = hook
-
-
-def _write_cause(err: BaseException) -> str:
-  """The OS error behind a failed write (e.g. "No space left on device"), else the error."""
-  seen = err
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.strerror:
-      return f"{seen.strerror}" + (f": {seen.filename}" if seen.filename else "")
-    seen = seen.__cause__ or seen.__context__
-  text = str(err)
-  for words in ("No space left on device", "Permission denied", "Read-only file system",
-                "Disk quota exceeded"):
-    if words in text:
-      return words
-  return _describe(err)
-
-
 def _require_meta(step_dir: Path) -> None:
   """ValueError when a step has no `meta` item: without checksums it is not trusted."""
   if not (step_dir / "meta").is_dir():
@@ -162,10 +128,6 @@ def _all_processes(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
-
-
-def _describe(err: BaseException) -> str:
-  return " ".join(f"{type(err).__name__}: {err}".split())[:400]
 
 
 def _unique(path: Path) -> Path:
@@ -275,7 +237,7 @@ class Checkpointer:
       step = self._pending[0] if self._pending else step
       raise CheckpointWriteError(
           f"checkpoint step {step} could not be written to {self.directory} "
-          f"({_write_cause(e)}); the steps before it are intact") from None
+          f"({ckpt_errors.write_cause(e)}); the steps before it are intact") from None
 
   def committed(self, wait: bool = False) -> list[int]:
     """Saved steps whose write has committed since the last call (`wait`: block for them).
@@ -320,7 +282,7 @@ class Checkpointer:
         state, meta = self.restore(step, target_state, data_iter)
         ok, why = True, ""
       except Exception as e:  # any library error on damaged files means: this step is unusable
-        ok, why = False, _describe(e)
+        ok, why = False, ckpt_errors.describe(e)
       if not _all_processes(ok):
         problems.append((step, why or "failed to restore on another process"))
         continue
@@ -393,7 +355,7 @@ def read_model_config(run_dir: str | Path, step: int | None = None) -> tuple[Dec
     sums = verify.open_meta(items["meta"])["checksums"]
     verify.verify_model_config(sums["model_config"], items["model_config"])
   except Exception as e:  # damaged files surface as many library errors; name the step
-    raise UserError(f"{step_dir}: the checkpoint cannot be read ({_describe(e)}); pick another "
+    raise UserError(f"{step_dir}: the checkpoint cannot be read ({ckpt_errors.describe(e)}); pick another "
                     f"step with RUN_DIR@STEP") from None
   return model_config_from_json(items["model_config"]), step
 
@@ -409,7 +371,7 @@ def restore_params(run_dir: str | Path, step: int, target_params: Any) -> Any:
     sums = verify.open_meta(restored["meta"])["checksums"]
     verify.verify_arrays("params", restored["params"], sums["params"])
   except Exception as e:  # damaged files surface as many library errors; name the step
-    raise UserError(f"{step_dir}: the checkpoint cannot be read ({_describe(e)}); pick another "
+    raise UserError(f"{step_dir}: the checkpoint cannot be read ({ckpt_errors.describe(e)}); pick another "
                     f"step with RUN_DIR@STEP") from None
   return restored["params"]
 

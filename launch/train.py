@@ -114,7 +114,7 @@ def lost_peer(err: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax.checkpoint import quiet_orbax_noise
+  from ease_jax.ckpt_errors import quiet_orbax_noise
   from ease_jax.config import load_config
   from ease_jax.errors import UserError
   quiet_orbax_noise()
