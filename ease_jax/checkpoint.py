@@ -8,8 +8,9 @@ Layout: ``RUN_DIR/checkpoints/<step>/`` with four Orbax items:
   data          the grain iterator state, one JSON file per process
                 (grain's own Orbax handler: each host resumes its own shard)
   model_config  the DecoderConfig as JSON, so a checkpoint rebuilds its model
-  meta          JSON: a checksum of every array (verified on restore) and loop
-                counters that must survive a resume (skipped non-finite steps)
+  meta          JSON: checksums of every other item and of itself (ckpt_verify: checked
+                on restore; a step without them is not trusted) and loop counters that
+                must survive a resume (skipped non-finite steps)
 
 Saves are asynchronous (device arrays are copied, then written in the
 background). Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames
@@ -23,22 +24,21 @@ verifies, and moves the damaged newer steps aside, naming what was wrong.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grain.checkpoint as grain_ckpt
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ease_jax import ckpt_errors, ckpt_verify as verify
 from ease_jax.config import CheckpointConfig
 from ease_jax.errors import UserError
 from ease_jax.models import DecoderConfig
@@ -52,20 +52,30 @@ class CheckpointError(UserError):
   """No checkpoint of the run can be restored; the message lists each step's problem."""
 
 
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, permissions): names the step and cause."""
+
+
 class NonFiniteStateError(RuntimeError):
   """The state to save holds NaN/Inf (never written)."""
 
 
 class _IteratorState:
-  """Adapts an iterator with get_state()/set_state() (JSON-able state) to grain's handler."""
+  """Adapts an iterator with get_state()/set_state() (JSON-able state) to grain's handler.
 
-  def __init__(self, iterator: Any):
+  Saving: the state is taken once, when the save starts (the iterator moves on while the
+  save is written) and checksummed. Restoring: the bytes read are kept for verification.
+  """
+
+  def __init__(self, iterator: Any, snapshot: bool = False):
     self.iterator = iterator
+    self.state = json.dumps(iterator.get_state()).encode() if snapshot else None
 
   def get_state(self) -> bytes:
-    return json.dumps(self.iterator.get_state()).encode()
+    return self.state
 
   def set_state(self, state: bytes) -> None:
+    self.state = state
     self.iterator.set_state(json.loads(state))
 
   def start_prefetch(self) -> None:  # called by grain's handler after restoring
@@ -106,60 +116,11 @@ def model_config_from_json(d: dict) -> DecoderConfig:
   return DecoderConfig(**d)
 
 
-def _bits(x: jax.Array) -> jax.Array:
-  """The raw bits of `x` as uint32 (8-byte values become two words)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
-
-
-def _sums_and_finite(arrays: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-  """Per array: sum of bits x (2i+1) mod 2^32 (any one changed element changes it; integer
-  sums do not depend on the sharding); and whether every float is finite."""
-  sums, finite = [], jnp.bool_(True)
-  for x in arrays:
-    bits = _bits(x).reshape(-1)
-    sums.append(jnp.sum(bits * (2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32))
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      finite &= jnp.all(jnp.isfinite(x))
-  return sums, finite
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_sums(out_sharding: Any) -> Any:
-  return jax.jit(_sums_and_finite, out_shardings=out_sharding)
-
-
-def fingerprint(tree: Any) -> tuple[dict[str, int], list[str]]:
-  """(leaf path -> checksum, paths of leaves holding NaN/Inf) of a pytree of arrays."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if not leaves:
-    return {}, []
-  names = [jax.tree_util.keystr(p) for p, _ in leaves]
-  arrays = [x for _, x in leaves]
-  mesh = next((x.sharding.mesh for x in arrays
-               if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-  sums, finite = _jitted_sums(None if mesh is None else NamedSharding(mesh, P()))(arrays)
-  sums, finite = jax.device_get((sums, finite))
-  bad = [] if finite else [n for n, x in zip(names, arrays) if jnp.issubdtype(x.dtype, jnp.inexact)
-                          and not bool(jax.device_get(jnp.all(jnp.isfinite(x))))]
-  return {n: int(v) for n, v in zip(names, sums)}, bad
-
-
-def _verify(kind: str, tree: Any, stored: dict[str, int] | None) -> None:
-  """Raises ValueError naming the arrays whose checksum differs from the one saved."""
-  if stored is None:
-    return
-  now, nonfinite = fingerprint(tree)
-  wrong = [n for n in stored if now.get(n) != stored[n]] + [n for n in now if n not in stored]
-  if wrong:
-    raise ValueError(f"{kind}: checksum mismatch in {len(wrong)} array(s), e.g. {wrong[0]} "
-                     "(the files were changed or damaged after the save)")
-  if nonfinite:
-    raise ValueError(f"{kind}: NaN/Inf in {nonfinite[0]}")
+def _require_meta(step_dir: Path) -> None:
+  """ValueError when a step has no `meta` item: without checksums it is not trusted."""
+  if not (step_dir / "meta").is_dir():
+    raise ValueError(f"{step_dir.name}/meta is missing: no checksums to verify the step with "
+                     "(a step that cannot be verified is not trusted)")
 
 
 def _all_processes(flag: bool) -> bool:
@@ -167,10 +128,6 @@ def _all_processes(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
-
-
-def _describe(err: BaseException) -> str:
-  return " ".join(f"{type(err).__name__}: {err}".split())[:400]
 
 
 def _unique(path: Path) -> Path:
@@ -233,6 +190,7 @@ class Checkpointer:
     self.directory = Path(run_dir) / "checkpoints"
     self.every = cfg.every
     self._mgr = _manager(self.directory, cfg)
+    self._pending: list[int] = []  # saved steps whose write is not yet known to be committed
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -250,34 +208,65 @@ class Checkpointer:
     if not (force or step % self.every == 0) or step in self._mgr.all_steps():
       return False  # not due, or already saved (the final save right after a periodic one)
     params, rest = _split(state)
-    sums_p, bad_p = fingerprint(params)
-    sums_r, bad_r = fingerprint(rest)
+    sums_p, bad_p = verify.fingerprint(params)
+    sums_r, bad_r = verify.fingerprint(rest)
     if bad_p or bad_r:
       raise NonFiniteStateError(f"the train state at step {step} holds NaN/Inf in "
                                 f"{(bad_p + bad_r)[0]}; it was not saved")
-    meta = {"checksums": {"params": sums_p, "train": sums_r}, "counters": dict(counters or {})}
+    data, model_json = _IteratorState(data_iter, snapshot=True), model_config_to_json(model_cfg)
+    meta = verify.seal({"checksums": {"params": sums_p, "train": sums_r,
+                                      "data": verify.data_checksums(data.state),
+                                      "model_config": verify.json_sha256(model_json)},
+                        "counters": dict(counters or {})})
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(rest),
-        data=grain_ckpt.CheckpointSave(_IteratorState(data_iter)),
-        model_config=ocp.args.JsonSave(model_config_to_json(model_cfg)),
+        data=grain_ckpt.CheckpointSave(data), model_config=ocp.args.JsonSave(model_json),
         meta=ocp.args.JsonSave(meta))
-    return self._mgr.save(step, args=args, force=True)  # the interval is decided above
+    with self._write_errors(step):
+      saved = self._mgr.save(step, args=args, force=True)  # the interval is decided above
+    if saved:
+      self._pending.append(step)
+    return saved
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None = None) -> Iterator[None]:
+    """A failed write (raised by orbax now or at the next save/wait) -> CheckpointWriteError."""
+    try:
+      yield
+    except Exception as e:  # orbax re-raises the background writer's error, whatever it is
+      step = self._pending[0] if self._pending else step
+      raise CheckpointWriteError(
+          f"checkpoint step {step} could not be written to {self.directory} "
+          f"({ckpt_errors.write_cause(e)}); the steps before it are intact") from None
+
+  def committed(self, wait: bool = False) -> list[int]:
+    """Saved steps whose write has committed since the last call (`wait`: block for them).
+
+    Raises CheckpointWriteError when a background write failed (e.g. the disk is full).
+    """
+    if not self._pending or (not wait and self._mgr.is_saving_in_progress()):
+      return []
+    with self._write_errors():
+      self._mgr.wait_until_finished()
+    done, self._pending = self._pending, []
+    return done
 
   def restore(self, step: int, target_state: Any, data_iter: Any) -> tuple[Any, dict]:
     """Restores and verifies `step` onto the shardings of `target_state`; sets the
     iterator's state in place. Returns (state, meta)."""
     params, rest = _split(target_state)
-    args = dict(params=ocp.args.StandardRestore(abstract(params)),
-                train=ocp.args.StandardRestore(abstract(rest)),
-                data=grain_ckpt.CheckpointRestore(_IteratorState(data_iter)))
-    has_meta = (self.directory / str(step) / "meta").is_dir()  # older checkpoints have none
-    if has_meta:
-      args["meta"] = ocp.args.JsonRestore()
-    restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
-    meta = (restored["meta"] or {}) if has_meta else {}
-    sums = meta.get("checksums", {})
-    _verify("params", restored["params"], sums.get("params"))
-    _verify("train", restored["train"], sums.get("train"))
+    data = _IteratorState(data_iter)
+    _require_meta(self.directory / str(step))
+    restored = self._mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(params)),
+        train=ocp.args.StandardRestore(abstract(rest)), data=grain_ckpt.CheckpointRestore(data),
+        model_config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    meta = verify.open_meta(restored["meta"])
+    sums = meta["checksums"]
+    verify.verify_arrays("params", restored["params"], sums["params"])
+    verify.verify_arrays("train", restored["train"], sums["train"])
+    verify.verify_data(sums["data"], data.state)
+    verify.verify_model_config(sums["model_config"], restored["model_config"])
     return _replace(restored["train"], params=restored["params"]), meta
 
   def restore_latest(self, target_state: Any, data_iter: Any) -> Restored | None:
@@ -293,7 +282,7 @@ class Checkpointer:
         state, meta = self.restore(step, target_state, data_iter)
         ok, why = True, ""
       except Exception as e:  # any library error on damaged files means: this step is unusable
-        ok, why = False, _describe(e)
+        ok, why = False, ckpt_errors.describe(e)
       if not _all_processes(ok):
         problems.append((step, why or "failed to restore on another process"))
         continue
@@ -322,11 +311,14 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending async saves are committed."""
-    self._mgr.wait_until_finished()
+    with self._write_errors():
+      self._mgr.wait_until_finished()
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self.wait()
+    finally:
+      self._mgr.close()
 
 
 def parse_ckpt_spec(spec: str) -> tuple[Path, int | None]:
@@ -355,23 +347,31 @@ def _resolve_step(run_dir: Path, step: int | None) -> tuple[Any, int]:
 def read_model_config(run_dir: str | Path, step: int | None = None) -> tuple[DecoderConfig, int]:
   """The DecoderConfig stored with a checkpoint (latest when `step` is None) and its step."""
   mgr, step = _resolve_step(Path(run_dir), step)
-  meta = mgr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-  return model_config_from_json(meta["model_config"]), step
+  step_dir = Path(run_dir) / "checkpoints" / str(step)
+  try:
+    _require_meta(step_dir)
+    items = mgr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+    sums = verify.open_meta(items["meta"])["checksums"]
+    verify.verify_model_config(sums["model_config"], items["model_config"])
+  except Exception as e:  # damaged files surface as many library errors; name the step
+    raise UserError(f"{step_dir}: the checkpoint cannot be read ({ckpt_errors.describe(e)}); pick another "
+                    f"step with RUN_DIR@STEP") from None
+  return model_config_from_json(items["model_config"]), step
 
 
 def restore_params(run_dir: str | Path, step: int, target_params: Any) -> Any:
   """Only the parameters of a checkpoint, placed with `target_params`' shardings."""
   mgr, step = _resolve_step(Path(run_dir), step)
   step_dir = Path(run_dir) / "checkpoints" / str(step)
-  args = {"params": ocp.args.StandardRestore(abstract(target_params))}
-  if (step_dir / "meta").is_dir():
-    args["meta"] = ocp.args.JsonRestore()
   try:
-    restored = mgr.restore(step, args=ocp.args.Composite(**args))
-    sums = (restored["meta"] or {}).get("checksums", {}) if "meta" in args else {}
-    _verify("params", restored["params"], sums.get("params"))
+    _require_meta(step_dir)
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(target_params)), meta=ocp.args.JsonRestore()))
+    sums = verify.open_meta(restored["meta"])["checksums"]
+    verify.verify_arrays("params", restored["params"], sums["params"])
   except Exception as e:  # damaged files surface as many library errors; name the step
-    raise UserError(f"{step_dir}: the checkpoint cannot be read ({_describe(e)}); pick another "
+    raise UserError(f"{step_dir}: the checkpoint cannot be read ({ckpt_errors.describe(e)}); pick another "
                     f"step with RUN_DIR@STEP") from None
   return restored["params"]
 

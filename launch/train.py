@@ -12,8 +12,12 @@ checkpoints and metrics to RUN_DIR/previous-<time>/ and start at step 0.
 
 Exit codes: 0 done; 1 the loss or parameters became NaN/Inf (the message names
 the step and the last good checkpoint); 2 a config, data or checkpoint error
-(one line, no traceback); 128+N stopped by signal N (SIGTERM: 143, Ctrl-C: 130)
-after writing a checkpoint of the last finished step - rerun the command to resume.
+(one line, no traceback); 3 a multi-process run lost one of its processes (killed,
+crashed: the others stop instead of waiting in a collective; restart all of them to
+resume); 128+N stopped by signal N (SIGTERM: 143, Ctrl-C: 130) after writing a
+checkpoint of the last finished step - rerun the command to resume. SIGTERM sent to
+one process of a multi-process run stops all of them at the same step (JAX's
+preemption service). A run_dir in use by another run is refused (exit 2).
 
 Multi-host: on a TPU VM slice every worker runs the same command and
 jax.distributed is initialised automatically. Elsewhere (GPU hosts, tests) pass
@@ -35,6 +39,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(ROOT))
 
 CONFIG_DIR = ROOT / "configs"
+LOST_PEER = 3  # exit code: a multi-process run lost one of its processes
 TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="HOST:PORT of process 0 (multi-process runs outside TPU VMs)")
   p.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
   p.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
+  p.add_argument("--heartbeat_timeout", type=int, default=100,
+                 help="seconds without a heartbeat after which the coordinator declares a "
+                      "process dead and the others stop (with --coordinator)")
   return p.parse_args(argv)
 
 
@@ -82,15 +90,34 @@ def init_distributed(args: argparse.Namespace) -> None:
                       "JAX_PROCESS_ID)")
     # CPU processes need a cross-process collectives backend; it does not affect GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout,
+                               shutdown_timeout_seconds=args.heartbeat_timeout)
   elif on_tpu_vm():
     jax.distributed.initialize()  # the TPU environment names the coordinator and workers
 
 
+def lost_peer(err: Exception) -> None:
+  """A collective failed on a multi-process run: another process died or was killed.
+
+  Prints one line and exits with LOST_PEER at once: jax.distributed's exit handler would
+  wait `--shutdown_timeout` for the dead process. The checkpoints written so far are
+  complete (a step is renamed into place only when fully written)."""
+  import jax
+  print(f"error: process {jax.process_index()}: a collective with the other processes failed "
+        f"({' '.join(str(err).split())[:300]}); another process of this run probably died or "
+        f"was killed. Start all processes again to resume from the last checkpoint",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(LOST_PEER)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  from ease_jax.ckpt_errors import quiet_orbax_noise
   from ease_jax.config import load_config
   from ease_jax.errors import UserError
+  quiet_orbax_noise()
   try:
     if args.config is None:
       if any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
@@ -103,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     cfg = load_config(args.config, args.overrides)
     init_distributed(args)
+    import jax
     from ease_jax.train import loop  # after distributed init, before any device use
     try:
       result = loop.train(cfg, fresh=args.fresh)
     except loop.NonFiniteLossError as e:  # a diverged run, not a bug: no traceback
       print(f"error: {e}", file=sys.stderr)
       return 1
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() == 1:
+        raise
+      lost_peer(e)
   except UserError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

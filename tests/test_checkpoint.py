@@ -53,7 +53,7 @@ def test_save_restore_round_trip_with_iterator_and_model_config(tmp_path):
   _, other = tiny_state(seed=1)  # same structure, different values
   it = FakeIterator()
   restored, meta = checkpoint.Checkpointer(tmp_path, CheckpointConfig()).restore(7, other, it)
-  assert it.position == 41 and set(meta["checksums"]) == {"params", "train"}
+  assert it.position == 41 and set(meta["checksums"]) == {"params", "train", "data", "model_config"}
   assert_trees_equal(restored, state)
   assert type(restored) is type(state)
   model_cfg, step = checkpoint.read_model_config(tmp_path)
@@ -137,3 +137,23 @@ print("ok")
 def test_restore_onto_a_different_mesh(fake_devices, tmp_path):
   out = fake_devices(MESH_CHANGE.format(run_dir=tmp_path / "run"))
   assert out.strip().endswith("ok"), out
+
+
+def test_export_and_phase_2_refuse_a_step_that_cannot_be_verified(tmp_path):
+  """Reading only the params or the model config (export, phase 2's ckpt:) also needs
+  the step's checksums: without meta/ (or with a changed config) the step is refused."""
+  import json
+  import shutil
+  cfg, state = tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, CheckpointConfig(every=1))
+  assert ckpt.save(7, state, FakeIterator(), cfg)
+  ckpt.close()
+  stored = tmp_path / "checkpoints" / "7" / "model_config" / "metadata"
+  stored.write_text(json.dumps({**json.loads(stored.read_text()), "num_layers": 3}))
+  with pytest.raises(UserError, match="model_config: does not match its checksum"):
+    checkpoint.read_model_config(tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "7" / "meta")
+  for read in (lambda: checkpoint.read_model_config(tmp_path),
+               lambda: checkpoint.restore_params(tmp_path, 7, state.params)):
+    with pytest.raises(UserError, match="meta is missing"):
+      read()

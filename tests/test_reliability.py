@@ -204,9 +204,49 @@ def _saved_steps(tmp_path: Path, steps=(2, 4)):
   return cfg, state
 
 
+def _edit_json(path: Path, change) -> None:
+  obj = json.loads(path.read_text())
+  change(obj)
+  path.write_text(json.dumps(obj))
+
+
+def _damage_iterator_position(step_dir: Path) -> None:
+  """Another valid position: without a checksum this resumed silently at the wrong data."""
+  _edit_json(step_dir / "data" / "process_0-of-1.json", lambda s: s.update(position=0))
+
+
+def _damage_no_meta_and_flip(step_dir: Path) -> None:
+  """Deleting meta/ used to turn verification off, so the flipped bit restored unnoticed."""
+  shutil.rmtree(step_dir / "meta")
+  _damage_flip_one_bit(step_dir)
+
+
+def _damage_meta_counter(step_dir: Path) -> None:
+  _edit_json(step_dir / "meta" / "metadata", lambda m: m["counters"].update(skipped_steps=3))
+
+
+def _damage_meta_checksum_dropped(step_dir: Path) -> None:
+  """An edit that drops a checksum and recomputes meta's own: still not trusted."""
+  from ease_jax import ckpt_verify
+
+  def drop(m):
+    del m["checksums"]["data"], m["sha256"]
+    m["sha256"] = ckpt_verify.json_sha256(m)
+  _edit_json(step_dir / "meta" / "metadata", drop)
+
+
+def _damage_model_config(step_dir: Path) -> None:
+  _edit_json(step_dir / "model_config" / "metadata", lambda c: c.update(num_layers=2))
+
+
 @pytest.mark.parametrize("damage, words", [
     (_damage_truncate, ""), (_damage_flip_one_bit, "checksum mismatch"),
-    (_damage_data_state, "JSONDecodeError"), (_damage_empty_dir, "not found")])
+    (_damage_data_state, "JSONDecodeError"), (_damage_empty_dir, "meta is missing"),
+    (_damage_iterator_position, "process_0-of-1.json does not match its checksum"),
+    (_damage_no_meta_and_flip, "meta is missing"),
+    (_damage_meta_counter, "meta: its checksum does not match"),
+    (_damage_meta_checksum_dropped, "no checksum for data"),
+    (_damage_model_config, "model_config: does not match")])
 def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, damage, words):
   cfg, state = _saved_steps(tmp_path)
   damage(tmp_path / "checkpoints" / "4")

@@ -219,6 +219,10 @@ def read_rows(src: SourceConfig) -> Iterator[Row]:
   """Yields (location, row) for every row of a source; file-level problems raise DataError."""
   if src.format != "hf" and not _exists(src.path):  # `format: hf` for `datasets` hub names
     raise DataError("file not found (check the source's 'path')", path=src.path)
+  if "://" not in src.path and os.path.exists(src.path) and not (
+      os.path.isfile(src.path) or os.path.isdir(src.path)):  # reading a FIFO would block
+    raise DataError("not a regular file or directory (a FIFO, socket or device?); point the "
+                    "source's 'path' at a data file", path=src.path)
   fmt = _format(src.path, src.format)
   if fmt == "jsonl":
     return _read_jsonl(src.path)

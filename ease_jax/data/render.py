@@ -35,6 +35,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import jinja2
 import numpy as np
 
 from ease_jax.batch import OBJECTIVES, SPANS
@@ -137,6 +138,11 @@ class Renderer:
                             f"'{getattr(tokenizer, 'name_or_path', '') or '?'}'")
     if not self.template:
       raise UserError("the tokenizer has no chat template; set data.chat_template to a Jinja file")
+    try:  # a template that does not parse fails here, once, not inside every render
+      self.text([{"role": "user", "content": "hi"}], True)
+    except jinja2.TemplateSyntaxError as e:
+      raise UserError(f"{self.template_name}: the Jinja template does not parse: {e.message} "
+                      f"(template line {e.lineno})") from None
     self.system_prompt, self.empty_think = system_prompt, empty_think
     self.think_open, self.think_close = think_token_ids(tokenizer)
     # Longest first, so that '<|im_end|>' wins over a shorter special that prefixes it.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ease_jax import batch as batch_lib, checkpoint, config as config_lib, init, sharding
+from ease_jax import batch as batch_lib, checkpoint, config as config_lib, init, runlock, sharding
 from ease_jax.checkpoint import Checkpointer
 from ease_jax.config import Config
 from ease_jax.data import report as data_report
@@ -271,13 +271,17 @@ def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
                           force=stop or step == last, counters={"skipped_steps": logger.skipped})
   except checkpoint.NonFiniteStateError as e:
     logger.raise_nonfinite(step, str(e), skippable=False)
-  if stop:
-    run.ckpt.wait()  # the process may be killed soon after: write it now
-  if saved:
-    if "param_norm" in scalars:
-      logger.saved_norms[step] = scalars["param_norm"]
-    logger.progress.message(f"step {step}: checkpoint saved to {run.ckpt.directory / str(step)}")
+  if saved and "param_norm" in scalars:
+    logger.saved_norms[step] = scalars["param_norm"]  # named if the run diverges later
+  # A preemption (the process may be killed soon after) or the last step: write it now.
+  _report_saved(run, logger, wait=stop or step == last)
   logger.throughput.reset()  # eval and checkpoint time is not training throughput
+
+
+def _report_saved(run: Run, logger: Logger, wait: bool = False) -> None:
+  """Says "checkpoint saved" for the steps whose write has committed (`wait`: all of them)."""
+  for step in run.ckpt.committed(wait=wait):
+    logger.progress.message(f"step {step}: checkpoint saved to {run.ckpt.directory / str(step)}")
 
 
 def _is_boundary(run: Run, step: int, last: int) -> bool:
@@ -338,8 +342,9 @@ def train(cfg: Config, stop_at: int | None = None, fresh: bool = False) -> Train
   checkpoints and metrics aside and starts at step 0. SIGTERM or Ctrl-C checkpoint
   and stop after the current step (`TrainResult.stopped_by`).
   """
-  with StopSignals() as signals:
+  with StopSignals() as signals, runlock.RunDirLock(cfg.run_dir) as lock:
     run = setup(cfg, fresh=fresh)
+    run.notes = (*lock.warnings, *run.notes)
     logger = Logger(run)
     last = min(run.total_steps, stop_at or run.total_steps)
     try:
