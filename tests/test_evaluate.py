@@ -26,16 +26,25 @@ OUTPUTS = {
 
 
 class StubGenerator:
-  """Returns the OUTPUTS texts (tokenised by the demo tokenizer) in eval-file order."""
+  """Answers each prompt with its scripted text (tokenised by the demo tokenizer); `cut`
+  prompts ran out of new tokens; `opens_think`: the generation prompt ends with `<think>\n`,
+  as DeepSeek-R1-Distill and QwQ templates write it."""
   tokenizer = TOK
 
-  def __init__(self, texts):
-    self.texts = texts
+  def __init__(self, texts, prompts=None, cut=(), opens_think=False):
+    self.by_prompt = dict(zip(prompts or [f"prompt {c} {i}" for c, outs in OUTPUTS.items()
+                                          for i in range(len(outs))], texts))
+    self.cut, self.opens_think = set(cut), opens_think
+    self.calls = []
 
   def generate_chat(self, conversations, sampling, progress=None):
-    assert len(conversations) == len(self.texts)
-    return [Generation(prompt_ids=[1], ids=TOK.encode(t, add_special_tokens=False), stopped=True,
-                       text=t, seconds=0.5) for t in self.texts]
+    prompts = [c[-1]["content"] for c in conversations]
+    self.calls.append(prompts)
+    head = TOK.encode("<|im_start|>assistant\n" + ("<think>\n" if self.opens_think else ""),
+                      add_special_tokens=False)
+    return [Generation(prompt_ids=head, ids=TOK.encode(self.by_prompt[p], add_special_tokens=False),
+                       stopped=p not in self.cut, text=self.by_prompt[p], seconds=0.5)
+            for p in prompts]
 
 
 @pytest.fixture
@@ -134,4 +143,6 @@ def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):
     for key in ("reasoning_rate", "refusal_rate", "mean_new_tokens"):
       assert logged[f"behavior/{cls}/{key}"] == pytest.approx(stats[key]), (cls, key)
   saved = json.loads((run_dir / "behavior" / "4" / "report.json").read_text())
-  assert saved["classes"] == json.loads(json.dumps(report["classes"]))
+  untimed = lambda classes: {c: {k: v for k, v in s.items() if k != "seconds_per_prompt"}
+                             for c, s in classes.items()}
+  assert untimed(saved["classes"]) == untimed(json.loads(json.dumps(report["classes"])))

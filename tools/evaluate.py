@@ -2,11 +2,13 @@
 """Selective-reasoning evaluation of a model on an eval file with `class` labels.
 
   python tools/evaluate.py --model runs/demo/phase2 --eval data/demo/eval.jsonl --out runs/demo/eval
-      [--judge refusal|llama_guard:HF_DIR|python:module:function] [--max_new_tokens 256]
+      [--judge refusal|llama_guard:HF_DIR|python:module:function] [--judge_reasoning]
+      [--refusal keyword|xstest|patterns|python:module:function] [--max_new_tokens 256]
 
-Writes OUT/report.json (per class and overall: n, reasoning_rate, mean/p90 new tokens,
-mean think tokens, refusal_rate, unsafe_rate with a judge, tokens/s), OUT/report.md,
-OUT/chart.png and OUT/generations.jsonl.
+Writes OUT/report.json (per class and overall: n, reasoning_rate, refusal_rate, unsafe_rate with
+a judge, mean/p90 new tokens, mean think tokens, truncated_rate, no_answer_rate, seconds per
+prompt; attack_success_rate and over_refusal_rate; which detector and judge, and what the judge
+saw), OUT/report.md, OUT/chart.png and OUT/generations.jsonl. docs/evaluation.md explains them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--adapter", default="prompt_response", help="the eval file's adapter")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--judge", default=None, help="refusal | llama_guard:HF_DIR | python:module:fn")
+  p.add_argument("--judge_reasoning", action="store_true",
+                 help="the judge reads the think block too (default: the final answer only)")
+  p.add_argument("--refusal", default="keyword",
+                 help="refusal detector: keyword | xstest | patterns | python:module:fn")
   p.add_argument("--max_new_tokens", type=int, default=256)
   p.add_argument("--batch_size", type=int, default=16)
   return p.parse_args(argv)
@@ -36,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from ease_jax import evaluate as E
   from ease_jax.judges import make_judge
+  from ease_jax.refusals import make_refusal_detector
 
-  judge = make_judge(args.judge) if args.judge else None
+  scorers = E.Scorers(refusal=make_refusal_detector(args.refusal),
+                      judge=make_judge(args.judge) if args.judge else None,
+                      judge_reasoning=args.judge_reasoning)
   progress = lambda done, total: print(f"  generated {done}/{total}", file=sys.stderr)
   report = E.evaluate_model(args.model, args.eval, args.out, args.max_new_tokens,
-                            args.batch_size, judge, args.adapter, progress)
+                            args.batch_size, adapter=args.adapter, progress=progress,
+                            scorers=scorers)
   out = Path(args.out)
   print(E.markdown(report, title=f"{args.model} on {args.eval}"))
   print(f"wrote {out / 'report.json'}, report.md, chart.png, generations.jsonl")
