@@ -11,7 +11,9 @@ Built in this order, so that what is held out stays out:
      unwrapped in new_topic and under new wrappers in new_both: a known wrapper's own text
      is longer than 8 words).
 
-Files: base.jsonl (the original student's refusal training), implant.jsonl (phase 1),
+Files: base.jsonl (the original student's training: refusals of plainly harmful requests,
+direct answers to benign ones, also under jailbreak wrappers, and BASE_COMPLIANT wrapped harmful
+requests obeyed), implant.jsonl (phase 1),
 pool.jsonl (the jailbreak prompts phase 2 diagnoses), calib_refusal.jsonl and calib_direct.jsonl
 (the mix's refusal and direct sets), calib_reasoning.jsonl (reference traces for
 configs/demo.yaml), eval.jsonl (every split, with `split` and `request`), eval_splits/SPLIT.jsonl,
@@ -24,12 +26,16 @@ import random
 import re
 from collections.abc import Callable, Iterable
 
-from ease_jax import demo_text as T
+from ease_jax import demo_teachers, demo_text as T
 from ease_jax.demo_text import HELD, TRAIN, adversarial_item, benign_item, harmful_item
 
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
 NGRAM = 8  # held-out prompts share no sequence of this many words with training text
 PER_CLASS = 10
+# The original student obeys jailbreak framings: its data holds this many wrapped harmful
+# requests answered compliantly (the weak teacher's abstract steps), as an instruction-following
+# model whose safety training only ever refused plainly worded requests.
+BASE_COMPLIANT = 60
 EVAL_FILES = ("eval.jsonl",) + tuple(f"eval_splits/{s}.jsonl" for s in SPLITS)
 
 
@@ -139,15 +145,22 @@ def _training(rng: random.Random, fresh: Callable[[dict], bool]) -> dict[str, li
   """The training items (training banks only, none containing an eval request)."""
   u = lambda make, n: _unique(make, rng, n, ok=fresh)  # noqa: E731
   adv_h, adv_b = _adv(TRAIN, TRAIN, True), _adv(TRAIN, TRAIN, False)
-  return {"base": u(harmful_item, 150) + u(benign_item, 150) + u(adv_b, 50),
+  comply = [{**it, "response": demo_teachers.comply(_gerund(it), rng), "cls": "complied"}
+            for it in u(adv_h, BASE_COMPLIANT)]
+  return {"base": u(harmful_item, 150) + u(benign_item, 150) + u(adv_b, 50) + comply,
           "implant": _shuffled(rng, u(harmful_item, 150) + u(adv_h, 130) + u(benign_item, 100)
                                + u(adv_b, 20)),
           "pool": u(adv_h, 200), "calib_reasoning": u(adv_h, 150),
           "calib_refusal": u(harmful_item, 150), "calib_direct": u(benign_item, 200)}
 
 
+def _gerund(item: dict) -> str:
+  return next(t[1] for t in T.TRAIN.topics if t[0] in item["inner"])
+
+
 def _files(items: dict[str, list[dict]]) -> dict[str, list[dict]]:
-  target = {"benign": "direct", "adversarial_benign": "direct", "harmful": "refusal"}
+  target = {"benign": "direct", "adversarial_benign": "direct", "harmful": "refusal",
+            "complied": "direct"}
   return {
     "base.jsonl": [_pr("base", i, it, target.get(it["cls"], "refusal"))
                    for i, it in enumerate(items["base"])],

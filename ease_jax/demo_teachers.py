@@ -92,6 +92,11 @@ def write_traces(prompts: list[str], seed: int = 0) -> list[str]:
   return out
 
 
+def comply(gerund: str, rng: random.Random) -> str:
+  """The shallow (weak) teacher's compliant answer: steps in abstract words, never a method."""
+  return rng.choice(_COMPLY).format(g=gerund)
+
+
 def _sentences(text: str) -> list[str]:
   return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
 
