@@ -18,7 +18,7 @@ PR_FIELDS = {"id", "prompt", "reasoning", "response", "target_type", "category"}
 EVAL_FIELDS = PR_FIELDS | {"class", "split", "request"}
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
 FILES = {  # name -> (rows, fields)
-  "base.jsonl": (350, PR_FIELDS),
+  "base.jsonl": (410, PR_FIELDS),
   "implant.jsonl": (400, {"id", "question", "response", "category", "source"}),
   "pool.jsonl": (200, {"id", "prompt", "category"}),
   "calib_reasoning.jsonl": (150, PR_FIELDS),
