@@ -263,3 +263,26 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) 
         f"summary:    {run_dir / 'demo.md'}")
   return {"table": tab, "goals": goals, "stages": clock.stages, "diagnosis": diag,
           "mix": mix_summary}
+
+
+README_START, README_END = "<!-- demo results: start -->", "<!-- demo results: end -->"
+
+
+def update_readme(run_dir: Path, readme: Path) -> None:
+  """Replaces the README's demo results block with RUN_DIR/demo.md (its sections, one level
+  down), so the README shows a run's numbers as written, never typed by hand."""
+  from ease_jax.errors import UserError
+  text, summary = readme.read_text(), (run_dir / "demo.md").read_text()
+  if README_START not in text or README_END not in text:
+    raise UserError(f"{readme}: no '{README_START}' ... '{README_END}' block")
+  body = "\n".join(("#" + line if line.startswith("##") else line)
+                   for line in summary.splitlines() if not line.startswith("# "))
+  head, rest = text.split(README_START, 1)
+  readme.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
+if __name__ == "__main__":  # python -m ease_jax.demo RUN_DIR: the README block from that run
+  import sys
+  from ease_jax.errors import run_main
+  sys.exit(run_main(lambda: update_readme(Path(sys.argv[1]), Path(__file__).parents[1] / "README.md")
+                    or 0))
