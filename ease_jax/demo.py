@@ -141,9 +141,12 @@ def make_mix(diag_dir: Path, traces: Path, data_dir: Path, out: Path) -> dict:
 def compare_models(run_dir: Path, data_dir: Path, max_new_tokens: int) -> dict:
   """The three models on the four eval splits (ease_jax.compare) -> RUN_DIR/compare."""
   from ease_jax import compare
+  # compare.Benchmark where the comparison module has it (newer suites), else a SourceConfig:
+  # both take the same name / adapter / path fields
+  bench = getattr(compare, "Benchmark", SourceConfig)
   suite = compare.Suite(
-      benchmarks=tuple(SourceConfig(name=s, adapter="prompt_response",
-                                    path=str(data_dir / "eval_splits" / f"{s}.jsonl"))
+      benchmarks=tuple(bench(name=s, adapter="prompt_response",
+                             path=str(data_dir / "eval_splits" / f"{s}.jsonl"))
                        for s in SPLITS),
       max_new_tokens=max_new_tokens, batch_size=20, refusal="patterns", judge=JUDGE)
   models = {"base": str(run_dir / "base"), "always_reason": str(run_dir / "phase1"),
