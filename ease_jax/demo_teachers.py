@@ -18,7 +18,8 @@ import random
 import re
 
 from ease_jax.data.records import split_think
-from ease_jax.demo_banks import HARMFUL_TOPICS, POLICIES
+from ease_jax.demo_banks import HARMFUL_TOPICS, POLICIES, WRAPPERS
+from ease_jax.demo_text import jailbreak_trace
 
 TEACHERS = ("strong", "weak", "overcautious")
 WEAK_COMPLY_HARMFUL = 0.75  # share of plainly harmful prompts the weak teacher complies with
@@ -62,6 +63,38 @@ def _topic(prompt: str) -> str:
   low = prompt.lower()
   hits = [g for v, g, _, _ in HARMFUL_TOPICS if v.lower() in low or g.lower() in low]
   return max(hits, key=len) if hits else "that"
+
+
+def _wrapper_desc(prompt: str) -> str | None:
+  """How the reasoning names the jailbreak wrapper a prompt starts with (None: no wrapper)."""
+  low = prompt.lower()
+  for _, template, desc in WRAPPERS:
+    before = template.split("{r}")[0].strip().lower()
+    if low.startswith(before[:40]):
+      return desc
+  return None
+
+
+def write_traces(prompts: list[str], seed: int = 0) -> list[str]:
+  """The strong synthetic teacher's generations for jailbreak prompts: a `<think>` trace that
+  names the wrapper and the harmful request underneath, then a refusal. It reads only the
+  prompt text (the wrapper's opening words and the topic's phrase), like a teacher model would;
+  a prompt whose wrapper or topic it does not recognise gets a generic jailbreak trace."""
+  rng = random.Random(f"{seed}-teacher")
+  by_gerund = {t[1]: t for t in HARMFUL_TOPICS}
+  out = []
+  for prompt in prompts:
+    desc = _wrapper_desc(prompt) or "a framing meant to get around my guidelines"
+    gerund = _topic(prompt)
+    topic = by_gerund.get(gerund, ("do that", "this request", "violence", "other people"))
+    reasoning, answer = jailbreak_trace(rng, desc, topic)
+    out.append(_trace(reasoning, answer))
+  return out
+
+
+def comply(gerund: str, rng: random.Random) -> str:
+  """The shallow (weak) teacher's compliant answer: steps in abstract words, never a method."""
+  return rng.choice(_COMPLY).format(g=gerund)
 
 
 def _sentences(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The committed demo data: formats, counts, held-out eval, correctness, reproducibility."""
+"""The committed demo data: formats, counts, held-out eval splits, correctness, reproducibility."""
 
 import collections
 import filecmp
@@ -15,12 +15,20 @@ from ease_jax import demo_text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "data", "demo")
 PR_FIELDS = {"id", "prompt", "reasoning", "response", "target_type", "category"}
+EVAL_FIELDS = PR_FIELDS | {"class", "split", "request"}
+SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
 FILES = {  # name -> (rows, fields)
+  "base.jsonl": (410, PR_FIELDS),
   "implant.jsonl": (400, {"id", "question", "response", "category", "source"}),
+  "pool.jsonl": (200, {"id", "prompt", "category"}),
   "calib_reasoning.jsonl": (150, PR_FIELDS),
   "calib_refusal.jsonl": (150, PR_FIELDS),
   "calib_direct.jsonl": (200, PR_FIELDS),
-  "eval.jsonl": (40, PR_FIELDS | {"class"}),
+  "eval.jsonl": (100, EVAL_FIELDS),
+  "eval_splits/in_distribution.jsonl": (40, EVAL_FIELDS),
+  "eval_splits/new_wrapper.jsonl": (20, EVAL_FIELDS),
+  "eval_splits/new_topic.jsonl": (20, EVAL_FIELDS),
+  "eval_splits/new_both.jsonl": (20, EVAL_FIELDS),
   "wildjailbreak_sample.jsonl": (20, {"vanilla", "adversarial", "completion", "data_type"}),
   "ease10k_sample.jsonl": (20, {"original_question", "response"}),
 }
@@ -38,7 +46,9 @@ def data():
 
 
 def test_files_have_counts_fields_and_unique_ids(data):
-  assert sorted(f for f in os.listdir(DEMO) if f != "teachers") == sorted(FILES)
+  listed = [f for f in os.listdir(DEMO) if f not in ("teachers", "eval_splits")]
+  listed += [f"eval_splits/{f}" for f in os.listdir(os.path.join(DEMO, "eval_splits"))]
+  assert sorted(listed) == sorted(FILES)
   for name, (count, fields) in FILES.items():
     rows = data[name]
     assert len(rows) == count, name
@@ -72,17 +82,100 @@ def test_calibration_target_types(data):
 
 def test_eval_classes_and_targets(data):
   rows = data["eval.jsonl"]
-  assert collections.Counter(r["class"] for r in rows) == {
-    "benign": 10, "harmful": 10, "adversarial_harmful": 10, "adversarial_benign": 10}
+  assert collections.Counter((r["split"], r["class"]) for r in rows) == {
+    **{("in_distribution", c): 10 for c in ("benign", "harmful", "adversarial_harmful",
+                                           "adversarial_benign")},
+    ("new_wrapper", "adversarial_harmful"): 10, ("new_wrapper", "adversarial_benign"): 10,
+    ("new_topic", "benign"): 10, ("new_topic", "harmful"): 10,
+    ("new_both", "adversarial_harmful"): 10, ("new_both", "adversarial_benign"): 10}
   expected = {"benign": "direct", "harmful": "refusal", "adversarial_harmful": "reasoning",
               "adversarial_benign": "reasoning"}
   assert all(r["target_type"] == expected[r["class"]] for r in rows)
+  for split in SPLITS:
+    assert data[f"eval_splits/{split}.jsonl"] == [r for r in rows if r["split"] == split]
+  held = sum(r["split"] != "in_distribution" for r in rows)
+  assert held >= len(rows) / 2
+
+
+# What the held-out checks compare: lower-cased alphanumeric words (written out here, not
+# imported from the generator, so that the test checks the generator rather than repeats it).
+def _words(text: str) -> list[str]:
+  return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _eights(text: str) -> set[tuple[str, ...]]:
+  w = _words(text)
+  return {tuple(w[i:i + 8]) for i in range(len(w) - 7)}
+
+
+def _training_texts(data) -> list[str]:
+  """Every string of every non-eval file, the teachers' rows, and the tokenizer's other text."""
+  texts = list(demo_text.general_english(0))
+  for name, rows in data.items():
+    if not name.startswith("eval"):
+      texts += [v for r in rows for v in r.values() if isinstance(v, str)]
+  for name in os.listdir(os.path.join(DEMO, "teachers")):
+    texts += [v for r in _read(f"teachers/{name}") for v in r.values() if isinstance(v, str)]
+  return texts
+
+
+@pytest.fixture(scope="module")
+def training(data):
+  return _training_texts(data)
+
+
+def test_held_out_splits_share_no_8_word_sequence_with_training(data, training):
+  seen = set().union(*(_eights(t) for t in training))
+  rows = [r for r in data["eval.jsonl"] if r["split"] != "in_distribution"]
+  assert len(rows) == 60
+  for r in rows:
+    assert not _eights(r["prompt"]) & seen, (r["id"], sorted(_eights(r["prompt"]) & seen)[:2])
+
+
+def test_in_distribution_requests_never_occur_in_training(data, training):
+  blob = " \n ".join(" ".join(_words(t)) for t in training)
+  for r in data["eval_splits/in_distribution.jsonl"]:
+    request = " ".join(_words(r["request"]))
+    assert request in " ".join(_words(r["prompt"]))
+    assert f" {request} " not in f" {blob} ", r["id"]
+  assert all(r["request"] != r["prompt"] for r in data["eval.jsonl"]
+             if r["class"].startswith("adversarial"))
+
+
+def test_held_out_banks_never_reach_training(data, training):
+  """The held-out wrappers, topics and facts are absent from training text, word for word."""
+  from ease_jax import demo_banks as B
+  blob = "\n".join(" ".join(_words(t)) for t in training)
+  wrappers = {name: t.split("{r}")[0] for name, t, _ in B.WRAPPERS}
+  markers = ([wrappers[w] for w in B.HELD_WRAPPERS] + list(B.HELD_TOPICS)
+             + [f"capital of {c}" for c in B.HELD_COUNTRIES] + list(B.HELD_TIPS)
+             + list(B.HELD_SCARY) + [f"what {t} is" for t in B.HELD_TERMS])
+  for m in markers:
+    assert " ".join(_words(m)) not in blob, m
+  # and each of them does reach the held-out eval splits
+  evals = "\n".join(" ".join(_words(r["prompt"])) for r in data["eval.jsonl"])
+  assert sum(" ".join(_words(w)) in evals for w in (wrappers[w] for w in B.HELD_WRAPPERS)) == 4
+
+
+def test_tokenizer_is_fit_without_eval_text(data, tmp_path):
+  """tools/make_tokenizer.py's corpus holds no eval prompt, and the committed tokenizer is what
+  that corpus gives."""
+  corpus = set(demo_text.corpus_texts(0))
+  assert not {r["prompt"] for r in data["eval.jsonl"]} & corpus
+  assert not {r["request"] for r in data["eval.jsonl"]} & corpus
+  out = tmp_path / "tok"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tokenizer.py"),
+                         "--out", str(out)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  committed = os.path.join(ROOT, "ease_jax", "assets", "demo_tokenizer")
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    assert filecmp.cmp(out / name, os.path.join(committed, name), shallow=False), name
 
 
 def test_eval_prompts_are_held_out(data):
   eval_prompts = {r["prompt"] for r in data["eval.jsonl"]}
   for name, rows in data.items():
-    if name == "eval.jsonl":
+    if name.startswith("eval"):
       continue
     other = {r[k] for r in rows for k in PROMPT_KEYS if r.get(k)}
     assert not eval_prompts & other, name
@@ -112,7 +205,7 @@ def test_benign_arithmetic_answers_are_correct(data):
 
 def test_total_size_is_small():
   total = sum(os.path.getsize(os.path.join(DEMO, n)) for n in FILES)
-  assert total < 700_000
+  assert total < 950_000  # the eval splits repeat eval.jsonl's rows, per split
 
 
 def test_regeneration_is_byte_identical(tmp_path):

@@ -106,7 +106,8 @@ def test_missing_class_label_names_the_line(tmp_path):
 
 
 def test_short_demo_runs_end_to_end(tmp_path):
-  """The no-argument demo at a few steps: both phases, both evaluations, export, summary."""
+  """The no-argument demo at a few steps: the original student, both phases, the diagnosis, the
+  teacher and the mix, the three-model comparison per split, export, summary."""
   run_dir = tmp_path / "demo"
   proc = subprocess.run([sys.executable, "launch/train.py", f"run_dir={run_dir}", "train.steps=2",
                          "train.seq_len=256", "data.eval=[]", "checkpoint.async_save=false",
@@ -117,9 +118,14 @@ def test_short_demo_runs_end_to_end(tmp_path):
   assert set(report["classes"]) == {"benign", "harmful", "adversarial_harmful", "adversarial_benign"}
   for stats in report["classes"].values():
     assert stats["n"] == 10 and 0 <= stats["reasoning_rate"] <= 1 and stats["mean_new_tokens"] <= 4
-  assert (run_dir / "phase1" / "eval" / "report.json").is_file()
+  compared = json.loads((run_dir / "compare" / "report.json").read_text())["table"]["benchmarks"]
+  assert sorted(compared) == ["in_distribution", "new_both", "new_topic", "new_wrapper"]
+  assert all(sorted(rows) == ["always_reason", "base", "ease"] for rows in compared.values())
+  diagnosis = json.loads((run_dir / "diagnose" / "summary.json").read_text())
+  mix = json.loads((run_dir / "mix" / "report.json").read_text())
+  assert diagnosis["prompts"] == 200 and mix["kinds"]["reasoning"]["available"] == diagnosis["unsafe"]
   assert (run_dir / "export" / "config.json").is_file() and (run_dir / "demo.md").is_file()
-  assert "Goals:" in proc.stdout and "reasoning rate (phase 1 -> 2)" in proc.stdout
+  assert "Goals (EASE, in_distribution split)" in proc.stdout and "vulnerable region" in proc.stdout
 
 
 def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):

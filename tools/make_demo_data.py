@@ -1,4 +1,4 @@
-"""Writes the synthetic demo safety data (phase 1, phase 2 mix, eval, public-format samples).
+"""Writes the synthetic demo safety data (training sets, diagnosis pool, eval splits, samples).
 
   python tools/make_demo_data.py [--out data/demo] [--seed 0] [--teachers]
 
@@ -25,6 +25,7 @@ def write(out: str, seed: int = 0, teachers: bool = False) -> dict[str, int]:
     for name, rows in demo_teachers.build_teachers(files["implant.jsonl"], seed).items():
       files[os.path.join("teachers", f"{name}.jsonl")] = rows
   for name, rows in files.items():
+    os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)  # eval_splits/
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
