@@ -212,3 +212,50 @@ def save_gguf(model: Decoder, cfg: DecoderConfig, out: str | Path, tokenizer: An
     Path(tmp).unlink(missing_ok=True)
     raise
   return out
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+  """Mean next-token negative log-likelihood of `ids` under `logits` [T, V]."""
+  z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+def _rounded_like_file(model: Decoder, dtype: Any) -> Decoder:
+  """`model` with the matrices rounded to `dtype` as the file stores them; norms and biases
+  stay float32 (llama.cpp keeps 1-D tensors in F32)."""
+  if dtype is None:
+    return model
+  graphdef, state = nnx.split(model)
+  flat = [(p, v.replace(v[...] if _kept_f32(path_str(p)) else
+                        v[...].astype(dtype).astype(jnp.float32)))
+          for p, v in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _kept_f32(path: str) -> bool:
+  return "norm" in path or path.endswith("_bias")
+
+
+def verify_gguf(model: Decoder, path: str | Path, token_ids: list[list[int]],
+                type_name: str) -> list[dict]:
+  """The GGUF read back (ease_jax.gguf_io) vs the checkpoint, per token sequence.
+
+  For F32/F16/BF16 the checkpoint's parameters are rounded to the file's type first, so
+  `max_abs_diff` is an export error, not rounding. For quantized types it is the
+  quantization's effect, reported with the greedy (argmax) agreement over all positions
+  and the mean next-token loss of both models on the sequences."""
+  from ease_jax.gguf_io import load_gguf  # imports this module's names' sources; no cycle
+
+  ref_model = _rounded_like_file(model, {"F16": jnp.float16, "BF16": jnp.bfloat16}.get(type_name))
+  read_back, _ = load_gguf(path)
+  results = []
+  for ids in token_ids:
+    tokens = jnp.asarray([ids], jnp.int32)
+    ref = np.asarray(ref_model(tokens)[0])
+    out = np.asarray(read_back(tokens)[0])
+    results.append({"tokens": len(ids), "max_abs_diff": float(np.abs(out - ref).max()),
+                    "max_abs_logit": float(np.abs(ref).max()),
+                    "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+                    "loss_checkpoint": _nll(ref, ids), "loss_gguf": _nll(out, ids)})
+  return results
