@@ -15,6 +15,7 @@ from typing import Any
 import gguf
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import pre_tokenizers
 
 from ease_jax.errors import UserError
 from ease_jax.hf import assemble, param_shapes, to_hf, to_jax, weight_table
@@ -231,9 +232,16 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
   path = Path(path)
   open_gguf(path)  # a located error before transformers' own
   try:
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f"{path}: could not build a tokenizer from the GGUF metadata: {e}") from None
+  if metadata(open_gguf(path)).get("tokenizer.ggml.pre") == "smollm":
+    # llama.cpp's `smollm` splits every digit off before GPT-2's regex, as SmolLM's own
+    # tokenizer.json does; transformers builds the GPT-2 split only.
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  return tokenizer
 
 
 def describe(path: str | Path) -> dict[str, Any]:
