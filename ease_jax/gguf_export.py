@@ -207,6 +207,9 @@ def save_gguf(model: Decoder, cfg: DecoderConfig, out: str | Path, tokenizer: An
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it owner-only; a model file is not secret
     os.replace(tmp, out)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)

