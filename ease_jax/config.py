@@ -94,7 +94,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
   """Where the weights come from and how they are computed."""
-  init_from: str = "scratch:tiny"  # hf:PATH | ckpt:RUN_DIR[@STEP] | scratch:PRESET
+  init_from: str = "scratch:tiny"  # hf:PATH | gguf:PATH | ckpt:RUN_DIR[@STEP] | scratch:PRESET
   param_dtype: DType = "float32"  # weights and optimizer state
   compute_dtype: DType = "float32"  # activations and matrix products (bfloat16: mixed precision)
   # cudnn: NVIDIA GPUs (cuDNN flash attention; 1.7x the step rate of xla on an H200,

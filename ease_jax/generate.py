@@ -358,7 +358,8 @@ def apply_template(template: str, prompt: str) -> str:
 
 
 def load_generation_model(spec: str, **numerics: Any) -> tuple[nnx.Module, Any, Any]:
-  """(model, model_cfg, tokenizer) from RUN_DIR[@STEP] (a training run) or an HF directory.
+  """(model, model_cfg, tokenizer) from RUN_DIR[@STEP] (a training run), an HF directory
+  or a .gguf file.
 
   `numerics` override DecoderConfig fields (compute_dtype, param_dtype, ...).
   """
@@ -366,7 +367,7 @@ def load_generation_model(spec: str, **numerics: Any) -> tuple[nnx.Module, Any, 
   from ease_jax.tokenizer import load_tokenizer
 
   path = Path(spec)
-  if (path / "config.json").is_file():
+  if (path / "config.json").is_file() or path.suffix.lower() == ".gguf":
     numerics = dict(numerics)
     dtype = numerics.pop("param_dtype", "float32")
     model, cfg = hf.load_pretrained(path, dtype=dtype, **numerics)

@@ -205,12 +205,16 @@ def param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def load_pretrained(path: str | Path, dtype: str = "float32",
                     **overrides: Any) -> tuple[Decoder, DecoderConfig]:
-  """Reads a local HF directory (config.json + safetensors) into a Decoder, without torch.
+  """Reads a local HF directory (config.json + safetensors) or a `.gguf` file into a
+  Decoder, without torch.
 
   `dtype` is the parameter dtype; `overrides` set other DecoderConfig fields
   (e.g. compute_dtype, remat). Missing, extra or misshapen tensors are errors naming them.
   """
   path = Path(path)
+  if path.suffix.lower() == ".gguf":
+    from ease_jax.gguf_io import load_gguf  # gguf_io imports this module
+    return load_gguf(path, dtype=dtype, **overrides)
   cfg = config_from_hf(_read_config(path), param_dtype=dtype, **overrides)
   hf_check.check_memory(cfg, jnp.dtype(dtype_of(dtype)).itemsize, path / "config.json")
   headers = _headers(_safetensors_files(path))

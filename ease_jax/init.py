@@ -1,6 +1,7 @@
 """Where a run's tokenizer and initial weights come from (`model.init_from`).
 
   hf:PATH                 a local Hugging Face directory (config.json + safetensors)
+  gguf:PATH               a llama.cpp GGUF file (weights dequantized; its tokenizer)
   ckpt:RUN_DIR[@STEP]     the parameters of another run's checkpoint (phase 2 from
                           phase 1); its optimizer and data state are not used
   scratch:PRESET          random weights in a preset shape (ease_jax.models.PRESETS)
@@ -25,7 +26,7 @@ from ease_jax.models import Decoder, DecoderConfig, get_preset
 from ease_jax.tokenizer import (apply_run_template, demo_tokenizer_path, ensure_think_tokens,
                                 load_tokenizer)
 
-KINDS = ("hf", "ckpt", "scratch")
+KINDS = ("hf", "gguf", "ckpt", "scratch")
 TOKENIZER_DIR = "tokenizer"  # under RUN_DIR: the tokenizer the run trained with
 
 
@@ -34,7 +35,7 @@ def parse_init_from(spec: str) -> tuple[str, str]:
   kind, sep, value = spec.partition(":")
   if not sep or kind not in KINDS or not value:
     raise ConfigError(f"model.init_from: {spec!r} is not allowed; use hf:PATH, "
-                      f"ckpt:RUN_DIR[@STEP] or scratch:PRESET")
+                      f"gguf:PATH, ckpt:RUN_DIR[@STEP] or scratch:PRESET")
   return kind, value
 
 
@@ -43,7 +44,7 @@ def tokenizer_path(cfg: Config) -> str:
   if cfg.data.tokenizer:
     return cfg.data.tokenizer
   kind, value = parse_init_from(cfg.model.init_from)
-  if kind == "hf":
+  if kind in ("hf", "gguf"):  # a .gguf file carries its tokenizer (see load_tokenizer)
     return value
   if kind == "ckpt":
     path = checkpoint.parse_ckpt_spec(value)[0] / TOKENIZER_DIR
@@ -90,7 +91,9 @@ def init_model(cfg: Config, vocab_size: int, mesh: Mesh) -> tuple[Decoder, Decod
   kind, value = parse_init_from(cfg.model.init_from)
   if kind == "ckpt":
     model, model_cfg = _from_ckpt(cfg, value, mesh)
-  elif kind == "hf":
+  elif kind in ("hf", "gguf"):
+    if kind == "gguf" and not value.lower().endswith(".gguf"):
+      raise ConfigError(f"model.init_from=gguf:{value}: expected a path to a .gguf file")
     numerics = _numerics(cfg)
     model, model_cfg = hf.load_pretrained(Path(value), dtype=numerics.pop("param_dtype"),
                                           **numerics)

@@ -29,8 +29,12 @@ def demo_tokenizer_path() -> str:
 
 
 def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
-  """Loads a local HF tokenizer directory ("" = the demo tokenizer); never runs remote code."""
+  """Loads a local HF tokenizer directory or a .gguf file's tokenizer ("" = the demo
+  tokenizer); never runs remote code."""
   path = path or demo_tokenizer_path()
+  if path.lower().endswith(".gguf"):
+    from ease_jax.gguf_io import load_gguf_tokenizer  # imports the model code; only for GGUF
+    return load_gguf_tokenizer(path)
   if not os.path.isdir(path):
     raise UserError(f"tokenizer directory not found: {path}")
   try:
