@@ -64,6 +64,9 @@ SHAPES = {
                                               "target_type": k}, turns, words, words, targets),
 }
 
+# The same rows; its adversarial_harmful rows are trained as refusals (docs/datasets.md).
+SHAPES["wildjailbreak_refuse_adversarial"] = SHAPES["wildjailbreak"]
+
 
 @st.composite
 def mutated(draw, base):

@@ -57,7 +57,7 @@ BAD_CONFIGS = {
     "layers_1e8": (_set(num_hidden_layers=100_000_000),
                    r"config\.json: the config describes .* parameters .* but only .* GB of "
                    r"memory is available \(num_hidden_layers=100000000"),
-    "huge_hidden": (_set(hidden_size=4_000_000, head_dim=16), r"GB of memory is available"),
+    "huge_hidden": (_set(hidden_size=400_000_000, head_dim=16), r"GB of memory is available"),
     "huge_vocab": (_set(vocab_size=10**12), r"vocab_size=1000000000000"),
     "layers_3": (_set(num_hidden_layers=3), r"config\.json: num_hidden_layers=3 but the "
                  r"safetensors files hold 2 layer"),
