@@ -6,7 +6,7 @@ Llama-3 scaling as a `rope_freqs` tensor), the hyper-parameters, and the byte-le
 tokenizer: vocabulary, merges, token types (`<think>`/`</think>` user-defined, so one
 token each), special ids with the end-of-turn token as EOT (so it is end-of-generation),
 the run's chat template, and a pre-tokenizer name llama.cpp knows whose split matches
-the tokenizer's own (the demo tokenizer's is GPT-2's byte-level regex: `gpt-2`).
+the tokenizer's own (the demo tokenizer's is Qwen2's regex: `qwen2`).
 """
 
 from __future__ import annotations

@@ -142,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
       lost_peer(e)
   except UserError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    ckpt = sys.modules.get("ease_jax.checkpoint")  # loaded if a checkpoint was being written
+    if ckpt is not None and isinstance(e, ckpt.CheckpointWriteError):
+      # orbax's writer threads and their asyncio tasks would print their own tracebacks of the
+      # same failure while the interpreter shuts down: the one line above says it all.
+      sys.stdout.flush()
+      os._exit(2)
     return 2
   except KeyboardInterrupt:
     print("interrupted; run the same command again to resume from the last checkpoint",

@@ -149,7 +149,8 @@ def test_tokenizer_round_trip(tmp_path, tok):
                                             vocab_size=VOCAB + 6)[1])
   path = save_gguf(*model_cfg, tmp_path / "t.gguf", tok, "F32")
   meta = gguf_io.metadata(gguf_io.open_gguf(path))
-  assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.model"] == "gpt2"
+  # the demo tokenizer splits text with Qwen2's regex (so transformers' Qwen2Tokenizer agrees)
+  assert meta["tokenizer.ggml.pre"] == "qwen2" and meta["tokenizer.ggml.model"] == "gpt2"
   im_end = tok.convert_tokens_to_ids("<|im_end|>")
   assert meta["tokenizer.ggml.eot_token_id"] == im_end == meta["tokenizer.ggml.eos_token_id"]
   assert meta["tokenizer.chat_template"] == tok.chat_template
@@ -297,7 +298,7 @@ def _demo_texts(limit: int = 400) -> list[str]:
 
 @needs_llama_cpp
 def test_llama_cpp_tokenizes_like_the_demo_tokenizer(tmp_path, tok):
-  """The `gpt-2` pre-tokenizer name makes llama.cpp split and merge as the demo tokenizer does."""
+  """The `qwen2` pre-tokenizer name makes llama.cpp split and merge as the demo tokenizer does."""
   import llama_cpp
   _, _, _, path = _export(tmp_path, tok, "qwen2", dict(tie_word_embeddings=True))
   llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
