@@ -167,15 +167,17 @@ def test_header_length_beyond_the_file(model_dir, tmp_path):
 
 
 BOUNDED = """
-import json, resource, sys, time
+import json, sys, time
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
 start = time.perf_counter()
 try:
   load_pretrained(sys.argv[1])
 except UserError as e:
-  print(json.dumps({"error": str(e), "seconds": time.perf_counter() - start,
-                    "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+  # VmHWM: this process's own peak (ru_maxrss after fork+exec starts at the parent's RSS)
+  with open("/proc/self/status") as f:
+    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+  print(json.dumps({"error": str(e), "seconds": time.perf_counter() - start, "maxrss_kb": hwm}))
 """
 
 
@@ -187,7 +189,7 @@ def test_hundred_million_layers_fail_in_bounded_time_and_memory(model_dir, tmp_p
                         env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert "num_hidden_layers=100000000" in result["error"]
-  assert result["seconds"] < 1.0
+  assert result["seconds"] < 10.0  # measured 0.04 s; the unchecked load ran 390 s
   assert result["maxrss_kb"] < 2 * 1024**2  # the whole process, interpreter and jax included
 
 
