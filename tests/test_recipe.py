@@ -3,7 +3,6 @@ per-category teacher traces with the think block pre-filled, truncated traces re
 shipped configs' loss and step size, and inspect_data on the released formats."""
 
 import csv
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -16,24 +15,7 @@ from ease_jax import stages, traces
 from ease_jax.config import load_config
 from ease_jax.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tool(name: str):
-  """A tools/ script as a module (its `main(argv)` runs in-process)."""
-  spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def write(path: Path, rows: list[dict]) -> str:
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  return str(path)
-
-
-def read(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
+from test_stages import REPO, read, tool, write  # the tools-as-modules helpers
 
 
 # ---------------------------------------------------------------- diagnosis
