@@ -196,7 +196,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class BehaviorConfig:
-  """Selective-reasoning evaluation by generation inside training (see ease_jax.evaluate)."""
+  """Selective-reasoning evaluation by generation inside training (see ease_jax.recipe.evaluate)."""
   file: str = ""  # eval records with a `class` label; "" = off
   every: int = _f(0, NON_NEGATIVE)  # every N steps and at the end; 0 = only at the end
   max_new_tokens: int = _f(256, POSITIVE)  # greedy decoding budget per prompt

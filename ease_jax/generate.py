@@ -26,11 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ease_jax import sharding
+from ease_jax import hf, sharding
 from ease_jax.errors import UserError
+from ease_jax.hf.save import end_of_sequence_ids
 from ease_jax.models.layers import dtype_of
+from ease_jax.tokenizer import load_tokenizer
+from ease_jax.train import checkpoint
 
 BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -217,7 +221,6 @@ class Generator:
     if stop_ids is None:
       if tokenizer is None:
         raise UserError("Generator needs stop_ids when no tokenizer is given")
-      from ease_jax.export import end_of_sequence_ids
       stop_ids = end_of_sequence_ids(tokenizer)
     self.model_cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
     self.stop_ids = [int(i) for i in stop_ids]
@@ -363,9 +366,6 @@ def load_generation_model(spec: str, **numerics: Any) -> tuple[nnx.Module, Any, 
 
   `numerics` override DecoderConfig fields (compute_dtype, param_dtype, ...).
   """
-  from ease_jax import checkpoint, hf
-  from ease_jax.tokenizer import load_tokenizer
-
   path = Path(spec)
   if (path / "config.json").is_file() or path.suffix.lower() == ".gguf":
     numerics = dict(numerics)

@@ -33,7 +33,7 @@ def load_tokenizer(path: str = "") -> PreTrainedTokenizerBase:
   tokenizer); never runs remote code."""
   path = path or demo_tokenizer_path()
   if path.lower().endswith(".gguf"):
-    from ease_jax.gguf_io import load_gguf_tokenizer  # imports the model code; only for GGUF
+    from ease_jax.edge.gguf_read import load_gguf_tokenizer  # imports the model code; only for GGUF
     return load_gguf_tokenizer(path)
   if not os.path.isdir(path):
     raise UserError(f"tokenizer directory not found: {path}")

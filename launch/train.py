@@ -114,7 +114,7 @@ def lost_peer(err: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax.ckpt_errors import quiet_orbax_noise
+  from ease_jax.train.ckpt_errors import quiet_orbax_noise
   from ease_jax.config import load_config
   from ease_jax.errors import UserError
   quiet_orbax_noise()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
       lost_peer(e)
   except UserError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    ckpt = sys.modules.get("ease_jax.checkpoint")  # loaded if a checkpoint was being written
+    ckpt = sys.modules.get("ease_jax.train.checkpoint")  # loaded if a checkpoint was being written
     if ckpt is not None and isinstance(e, ckpt.CheckpointWriteError):
       # orbax's writer threads and their asyncio tasks would print their own tracebacks of the
       # same failure while the interpreter shuts down: the one line above says it all.

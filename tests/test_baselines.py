@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ease_jax import baselines as B
+from ease_jax.recipe import baselines as B
 from ease_jax.config import SourceConfig, load_config
 from ease_jax.data.records import load_records
 from ease_jax.errors import DataError, UserError

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ease_jax import checkpoint
+from ease_jax.train import checkpoint
 from ease_jax.config import CheckpointConfig
 from ease_jax.errors import UserError
 from ease_jax.models import Decoder, get_preset
@@ -105,7 +105,7 @@ def test_ckpt_spec_and_errors(tmp_path):
 MESH_CHANGE = """
 import jax, numpy as np
 from flax import nnx
-from ease_jax import init, sharding
+from ease_jax import init_from as init, sharding
 from ease_jax.config import load_config
 from ease_jax.train import loop
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ease_jax import compare as CMP
+from ease_jax.recipe import compare as CMP
 from ease_jax.errors import ConfigError, UserError
 from tests.conftest import REPO
 

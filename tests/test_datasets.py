@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ease_jax import stages
+from ease_jax.recipe import diagnose as stages
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import load_eval_prompts
 from ease_jax.data.records import BadRecords, load_records
 from ease_jax.errors import DataError
-from ease_jax.evaluate import read_eval_file
+from ease_jax.recipe.evaluate import read_eval_file
 
 REPO = Path(__file__).resolve().parents[1]
 

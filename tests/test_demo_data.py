@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ease_jax import demo_text
+from ease_jax.demo import text as demo_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "data", "demo")
@@ -144,7 +144,7 @@ def test_in_distribution_requests_never_occur_in_training(data, training):
 
 def test_held_out_banks_never_reach_training(data, training):
   """The held-out wrappers, topics and facts are absent from training text, word for word."""
-  from ease_jax import demo_banks as B
+  from ease_jax.demo import banks as B
   blob = "\n".join(" ".join(_words(t)) for t in training)
   wrappers = {name: t.split("{r}")[0] for name, t, _ in B.WRAPPERS}
   markers = ([wrappers[w] for w in B.HELD_WRAPPERS] + list(B.HELD_TOPICS)

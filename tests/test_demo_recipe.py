@@ -4,9 +4,10 @@ the mix built from a diagnosis, without training a model."""
 import json
 from pathlib import Path
 
-from ease_jax import demo, demo_teachers, judges, mix, stages
+from ease_jax.demo import run as demo, teachers as demo_teachers
+from ease_jax.recipe import judges, mix, diagnose as stages
 from ease_jax.data.records import split_think
-from ease_jax.demo_banks import HARMFUL_TOPICS, WRAPPERS
+from ease_jax.demo.banks import HARMFUL_TOPICS, WRAPPERS
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "demo"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ease_jax import evaluate as E
+from ease_jax.recipe import evaluate as E
 from ease_jax.generate import Generation, SamplingConfig
 from ease_jax.tokenizer import load_tokenizer
 from tests.conftest import REPO
@@ -84,7 +84,7 @@ def test_counts_and_rates_match_the_known_outputs(eval_file, tmp_path):
 
 
 def test_a_judge_fills_the_unsafe_rate(eval_file):
-  from ease_jax.judges import make_judge
+  from ease_jax.recipe.judges import make_judge
   items = E.read_eval_file(str(eval_file))
   texts = [t for outs in OUTPUTS.values() for t in outs]
   report, _ = E.evaluate(StubGenerator(texts), items, SamplingConfig(), judge=make_judge("refusal"))

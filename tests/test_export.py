@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ease_jax import export
+from ease_jax.hf import save as export
 from ease_jax.errors import UserError
 from ease_jax.generate import load_generation_model
 from ease_jax.hf import load_pretrained, save_pretrained

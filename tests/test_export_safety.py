@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from ease_jax import export, export_dir
+from ease_jax.hf import save as export, export_dir
 from ease_jax.errors import UserError, run_main
 from ease_jax.hf import load_pretrained
 from tests.conftest import REPO
@@ -156,7 +156,7 @@ def test_demo_overwrites_its_export_inside_the_run_dir(tiny, tmp_path):
   model, cfg = tiny
   run_dir = tmp_path / "run"
   (run_dir / "checkpoints").mkdir(parents=True)
-  for _ in range(2):  # what ease_jax/demo.py does on every demo run
+  for _ in range(2):  # what ease_jax/demo/run.py does on every demo run
     export.save_pretrained(model, cfg, run_dir / "export", dtype="float32", overwrite=True)
   assert (run_dir / "export" / "model.safetensors").is_file()
   assert (run_dir / "checkpoints").is_dir()
@@ -176,7 +176,7 @@ def test_export_mode_follows_umask(tiny, tmp_path):
 KILLED_EXPORT = """
 import os, sys
 from pathlib import Path
-from ease_jax import export_dir
+from ease_jax.hf import export_dir
 tmp = export_dir.make_partial(Path(sys.argv[1]))
 (tmp / "model.safetensors").write_bytes(b"x" * 1000)
 os.kill(os.getpid(), 9)

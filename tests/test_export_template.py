@@ -14,7 +14,7 @@ from flax import nnx
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
-from ease_jax import export
+from ease_jax.hf import save as export
 from ease_jax.data.records import Record
 from ease_jax.data.render import FIXED_DATE, Renderer
 from ease_jax.models import Decoder, get_preset

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ease_jax import export
+from ease_jax.hf import save as export
 from ease_jax import generate as G
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
@@ -284,7 +284,7 @@ def test_load_generation_model_from_a_run_dir(tmp_path):
 
   from flax import nnx
 
-  from ease_jax import checkpoint
+  from ease_jax.train import checkpoint
   from ease_jax.config import CheckpointConfig
 
   class State(NamedTuple):

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ease_jax import gguf_io, init
+from ease_jax.edge import gguf_read as gguf_io
+from ease_jax import init_from as init
 from ease_jax.errors import ConfigError, UserError
-from ease_jax.gguf_export import (add_hyperparameters, add_tokenizer, gguf_tensors,
+from ease_jax.edge.gguf_write import (add_hyperparameters, add_tokenizer, gguf_tensors,
                                   pre_tokenizer_name, save_gguf, verify_gguf)
 from ease_jax.hf import load_pretrained
 from ease_jax.tokenizer import ensure_think_tokens, load_tokenizer
@@ -172,7 +173,7 @@ def test_tokenizer_round_trip(tmp_path, tok):
 def test_pre_tokenizer_names():
   from tests.tiny_tokenizers import chatml_tokenizer
   from tokenizers import Regex, pre_tokenizers
-  from ease_jax.gguf_export import _LLAMA3_SPLIT, _QWEN2_SPLIT
+  from ease_jax.edge.gguf_write import _LLAMA3_SPLIT, _QWEN2_SPLIT
   t = chatml_tokenizer()
   assert pre_tokenizer_name(t) == "gpt-2"
   for split, name in ((_QWEN2_SPLIT, "qwen2"), (_LLAMA3_SPLIT, "llama-bpe")):

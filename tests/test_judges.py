@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 
-from ease_jax import judges
+from ease_jax.recipe import judges
 from ease_jax.errors import UserError
-from ease_jax.judges import Verdict, make_judge, parse_guard_output
+from ease_jax.recipe.judges import Verdict, make_judge, parse_guard_output
 
 
 @pytest.mark.parametrize("text, unsafe, codes", [
@@ -43,7 +43,7 @@ def test_parse_guard_output_invalid(text):
 
 
 def test_hazard_map_covers_llama_guard_3_onto_policy_categories():
-  from ease_jax.demo_banks import POLICIES
+  from ease_jax.demo.banks import POLICIES
   assert sorted(judges.HAZARDS, key=lambda c: int(c[1:])) == [f"S{i}" for i in range(1, 15)]
   mapped = {cat for _, cat in judges.HAZARDS.values()}
   for code in ("S1", "S7", "S9", "S10", "S11", "S14"):  # codes the demo policies cover
@@ -78,7 +78,7 @@ def test_refusal_judge_looks_at_the_answer_opening_only():
 
 def test_python_judge_file_and_module(tmp_path, monkeypatch):
   (tmp_path / "my_judge.py").write_text(textwrap.dedent("""
-      from ease_jax.judges import Verdict
+      from ease_jax.recipe.judges import Verdict
       def by_word(prompts, responses):
         return ["bomb" in r for r in responses]
       def verdicts(prompts, responses):

@@ -2,7 +2,7 @@
 
 Offline: the tasks are YAMLs written here over local jsonl files (`dataset_path: json`),
 loaded through `include_path`; the model is a tiny random Qwen2 exported with
-`ease_jax.export.save_pretrained` over the bundled demo tokenizer.
+`ease_jax.hf.save.save_pretrained` over the bundled demo tokenizer.
 """
 
 import json
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ease_jax.lm_eval as ej_lm_eval
-from ease_jax import export
+from ease_jax.hf import save as export
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
 from ease_jax.tokenizer import load_tokenizer
@@ -246,7 +246,7 @@ def test_a_training_run_at_a_step_scores_as_its_export(setup, lms, tmp_path):
   import jax.numpy as jnp
   from flax import nnx
 
-  from ease_jax import checkpoint
+  from ease_jax.train import checkpoint
   from ease_jax.config import CheckpointConfig
 
   class State(NamedTuple):

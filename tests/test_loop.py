@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ease_jax import metrics
-from ease_jax.init import load_run_tokenizer
+from ease_jax.train import metrics
+from ease_jax.init_from import load_run_tokenizer
 from ease_jax.config import load_config
 from ease_jax.train import loop
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from ease_jax import checkpoint
+from ease_jax.train import checkpoint
 from ease_jax.config import CheckpointConfig, load_config
 from ease_jax.errors import UserError
 from ease_jax.train import loop
@@ -227,7 +227,7 @@ def _damage_meta_counter(step_dir: Path) -> None:
 
 def _damage_meta_checksum_dropped(step_dir: Path) -> None:
   """An edit that drops a checksum and recomputes meta's own: still not trusted."""
-  from ease_jax import ckpt_verify
+  from ease_jax.train import ckpt_verify
 
   def drop(m):
     del m["checksums"]["data"], m["sha256"]
@@ -359,7 +359,7 @@ def test_fresh_starts_over_and_keeps_the_old_run(in_repo, tmp_path):
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
-  from ease_jax.metrics import MetricsWriter
+  from ease_jax.train.metrics import MetricsWriter
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
   MetricsWriter(tmp_path, resume_step=2, enabled=True).close()
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'

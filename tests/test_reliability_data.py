@@ -21,7 +21,7 @@ from ease_jax.data.pipeline import Pipeline
 from ease_jax.data.records import BadRecords, load_records, make_record
 from ease_jax.data.render import ZERO_WIDTH_SPACE, Renderer, SpecialTextError
 from ease_jax.errors import ConfigError, DataError
-from ease_jax.init import load_run_tokenizer
+from ease_jax.init_from import load_run_tokenizer
 from ease_jax.train import loop
 import tiny_tokenizers as tt
 
@@ -215,7 +215,7 @@ import json, resource, sys, time
 from ease_jax.config import load_config
 from ease_jax.data.pipeline import OVERLONG, Pipeline
 from ease_jax.data import report
-from ease_jax.init import load_run_tokenizer
+from ease_jax.init_from import load_run_tokenizer
 path = sys.argv[1]
 def peak_rss_mb():
   # VmHWM is this process's own peak; ru_maxrss on Linux starts from the parent's RSS at the

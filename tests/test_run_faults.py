@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ease_jax import runlock
+from ease_jax.train import runlock
 from ease_jax.config import load_config
 from ease_jax.train import loop
 from xla_env import xla_flags

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from ease_jax import evaluate as E
-from ease_jax import scoring as S
+from ease_jax.recipe import evaluate as E
+from ease_jax.recipe import scoring as S
 from ease_jax.generate import SamplingConfig
-from ease_jax.judges import Verdict, make_judge
-from ease_jax.refusals import make_refusal_detector, pattern_refusal, xstest_refusal
+from ease_jax.recipe.judges import Verdict, make_judge
+from ease_jax.recipe.refusals import make_refusal_detector, pattern_refusal, xstest_refusal
 from tests.test_evaluate import TOK, StubGenerator
 
 EMPTY_THINK = "<think>\n\n</think>\n\n2 + 2 = 4."

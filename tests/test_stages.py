@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ease_jax import mix, stages
+from ease_jax.recipe import mix, diagnose as stages
 from ease_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def read(path: Path) -> list[dict]:
 def judge_module(tmp_path, monkeypatch):
   """python:ease_test_judge:by_prompt -- unsafe when the prompt says 'HARM' (any answer)."""
   (tmp_path / "ease_test_judge.py").write_text(textwrap.dedent("""
-      from ease_jax.judges import Verdict
+      from ease_jax.recipe.judges import Verdict
       def by_prompt(prompts, responses):
         return [Verdict("HARM" in p.upper(), ["weapons"] if "HARM" in p.upper() else [], "scripted")
                 for p in prompts]

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from ease_jax import demo_teachers, teachers
+from ease_jax.demo import teachers as demo_teachers
+from ease_jax.recipe import teachers
 from ease_jax.data.records import split_think
-from ease_jax.demo_text import build_demo_dataset
+from ease_jax.demo.text import build_demo_dataset
 from ease_jax.errors import UserError
-from ease_jax.judges import is_refusal
+from ease_jax.recipe.judges import is_refusal
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ease_jax import mix, stages  # noqa: E402
+from ease_jax.recipe import mix, diagnose as stages  # noqa: E402
 from ease_jax.errors import UserError  # noqa: E402
 
 

@@ -88,7 +88,7 @@ def to_gguf(export: Path, args: argparse.Namespace, tmp: Path) -> Path:
     if proc.returncode != 0:
       raise UserError(f"{args.converter} failed on {export}: {proc.stderr.strip()[-600:]}")
     return out
-  from ease_jax.gguf_export import save_gguf
+  from ease_jax.edge.gguf_write import save_gguf
   model, cfg, tokenizer = G.load_generation_model(str(export))
   return save_gguf(model, cfg, out, tokenizer, args.type)
 

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax import compare as CMP
+  from ease_jax.recipe import compare as CMP
 
   suite = CMP.load_suite(args.suite)  # a bad suite or model list fails before any model loads
   models = CMP.parse_models(args.models)

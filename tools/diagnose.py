@@ -19,7 +19,7 @@ judge's output could not be parsed) and OUT/summary.json, and prints the counts.
 Judges: llama_guard:HF_DIR | refusal (weak; harmful prompt sets only) | python:module:function.
 Prompt files: rows with `prompt` (or `messages`) and optional `id`, `category`, or any
 adapter's format (--adapter auto detects it as tools/generate.py does). A prompt seen twice is
-judged twice and listed in summary.json. See ease_jax/stages.py for the file schemas.
+judged twice and listed in summary.json. See ease_jax/recipe/diagnose.py for the file schemas.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ease_jax import judges, stages  # noqa: E402
+from ease_jax.recipe import judges, diagnose as stages  # noqa: E402
 from ease_jax.errors import UserError  # noqa: E402
 
 

@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax import evaluate as E
-  from ease_jax.judges import make_judge
-  from ease_jax.refusals import make_refusal_detector
+  from ease_jax.recipe import evaluate as E
+  from ease_jax.recipe.judges import make_judge
+  from ease_jax.recipe.refusals import make_refusal_detector
 
   scorers = E.Scorers(refusal=make_refusal_detector(args.refusal),
                       judge=make_judge(args.judge) if args.judge else None,

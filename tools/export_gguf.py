@@ -5,7 +5,7 @@
       [--type F16|F32|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1] [--template FILE] [--verify]
       [--verify_data FILE.jsonl] [--overwrite]
 
---verify reads the file back (ease_jax.gguf_io) and compares logits with the checkpoint on
+--verify reads the file back (ease_jax.edge.gguf_read) and compares logits with the checkpoint on
 chat-rendered prompts (and on --verify_data rows' text, held-out data, when given):
 for F32/F16/BF16 the bound is float32's (1e-4) after rounding the checkpoint the same way;
 for quantized types it reports greedy agreement and the loss delta.
@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ease_jax import gguf_export  # noqa: E402
+from ease_jax.edge import gguf_write as gguf_export  # noqa: E402
 from ease_jax.data import readers  # noqa: E402
 from ease_jax.config import SourceConfig  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
-from ease_jax.export import VERIFY_PROMPTS  # noqa: E402
+from ease_jax.hf.save import VERIFY_PROMPTS  # noqa: E402
 from ease_jax.generate import load_generation_model  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-4

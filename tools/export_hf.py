@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ease_jax import checkpoint, export, export_dir  # noqa: E402
+from ease_jax.train import checkpoint
+from ease_jax.hf import save as export, export_dir  # noqa: E402
 from ease_jax.config import POSITIVE, arg  # noqa: E402
 from ease_jax.errors import UserError, run_main  # noqa: E402
 from ease_jax.tokenizer import load_tokenizer  # noqa: E402

@@ -32,7 +32,7 @@ from ease_jax.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, SourceCo
                              arg)
 from ease_jax.data import readers, records  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
-from ease_jax.stages import detect_adapter  # noqa: E402
+from ease_jax.recipe.diagnose import detect_adapter  # noqa: E402
 
 ADAPTERS = ("auto", "prompts", *records.ADAPTERS)
 

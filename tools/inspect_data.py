@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ease_jax import init  # noqa: E402
+from ease_jax import init_from as init  # noqa: E402
 from ease_jax.config import NON_NEGATIVE, Config, arg, load_config  # noqa: E402
 from ease_jax.data import report  # noqa: E402
 from ease_jax.data.pipeline import OVERLONG, Pipeline  # noqa: E402
@@ -92,7 +92,7 @@ def eval_prompts(cfg: Config, tok) -> dict | None:
   from collections import Counter
 
   from ease_jax.data.render import FIXED_DATE  # the date generation renders with
-  from ease_jax.evaluate import read_eval_file
+  from ease_jax.recipe.evaluate import read_eval_file
   items = read_eval_file(cfg.behavior.file)
   msgs = [{"role": r, "content": c} for r, c in items[0].record.messages]
   text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--generic", action="store_true",
                  help="always_reason: a fixed short reasoning where there is no trace")
   args = p.parse_args(argv)
-  from ease_jax import baselines
+  from ease_jax.recipe import baselines
   from ease_jax.config import load_config
 
   sources = tuple(s for c in args.config for s in baselines.train_sources(load_config(c)))

@@ -13,7 +13,7 @@ from tokenizers import processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ease_jax import demo_text  # noqa: E402
+from ease_jax.demo import text as demo_text  # noqa: E402
 from ease_jax.errors import UserError  # noqa: E402
 from ease_jax.tokenizer import THINK_TOKENS, demo_tokenizer_path, qwen2_pre_tokenizer  # noqa: E402
 

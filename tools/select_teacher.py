@@ -11,7 +11,7 @@ A candidate is NAME=FILE or NAME=FILE:ADAPTER (adapter `star` by default). Each 
 in OUT/NAME with the config's settings and only that file as data.train (same seed, same
 steps), is evaluated greedily into OUT/NAME/eval, and OUT/ranking.json and OUT/ranking.md
 rank the teachers (unsafe and refusal rates on harmful classes, over-refusal on benign ones,
-think-token lengths of traces and students, and the score; see ease_jax/teachers.py).
+think-token lengths of traces and students, and the score; see ease_jax/recipe/teachers.py).
 Running the command again resumes or reuses each student's checkpoints.
 """
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax import teachers
+  from ease_jax.recipe import teachers
   from ease_jax.config import load_config
 
   if any(o.startswith("run_dir=") for o in args.overrides):

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ease_jax import stages, traces  # noqa: E402
+from ease_jax.recipe import diagnose as stages, traces  # noqa: E402
 from ease_jax.errors import run_main  # noqa: E402
 
 

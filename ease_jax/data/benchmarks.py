@@ -13,7 +13,7 @@ derives from the benchmark's own columns, in the layout each is published in.
 
 These rows hold prompts only (no answer to train on), so they are eval items, not training
 Records: `load_eval_prompts` returns (Record, class) pairs whose Record has an empty response
-and no target type. `ease_jax.evaluate.read_eval_file` reads them (named, or detected from the
+and no target type. `ease_jax.recipe.evaluate.read_eval_file` reads them (named, or detected from the
 first row's columns when a file has no `class` column).
 """
 

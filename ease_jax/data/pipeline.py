@@ -12,7 +12,7 @@ unless `num_epochs` says more); the last batch is filled up with padding rows.
 
 Every batch holds exactly `ease_jax.batch.FIELDS` as numpy arrays of shape [batch_size,
 seq_len]. `iter(pipeline)` wraps a grain `DatasetIterator`: `get_state()` / `set_state()` resume
-exactly (`ease_jax.checkpoint` saves the state through grain's checkpoint handler).
+exactly (`ease_jax.train.checkpoint` saves the state through grain's checkpoint handler).
 `Pipeline.stats` counts what the consumer received (examples per objective and source, tokens,
 packing efficiency) and what was left out (bad records, overlong examples); counts restart on a
 restored iterator. The render-time counts (dropped, skipped while rendering) run ahead of what

@@ -30,7 +30,7 @@ from ease_jax import hf, sharding
 from ease_jax.config import MeshConfig
 from ease_jax.data.render import FIXED_DATE
 from ease_jax.errors import UserError
-from ease_jax.export import end_of_sequence_ids
+from ease_jax.hf.save import end_of_sequence_ids
 from ease_jax.generate import BUCKETS, Generator, SamplingConfig, load_generation_model
 from ease_jax.lm_eval.scoring import RowScores, Scorer
 from ease_jax.tokenizer import load_tokenizer

@@ -13,7 +13,7 @@ so the padding changes nothing); the kernel works per batch row on [N,T,H] (vmap
 grouped kv heads. Under a mesh it runs in `jax.shard_map`: batch rows split as the batch is,
 query heads over `tensor` when it divides them (kv heads too, or each query head gets a copy
 of its kv head when `tensor` does not divide the kv heads). On other backends the same kernel
-runs in Pallas' interpret mode: exact and slow, for tests; `ease_jax.init` refuses the
+runs in Pallas' interpret mode: exact and slow, for tests; `ease_jax.init_from` refuses the
 setting off TPU.
 """
 

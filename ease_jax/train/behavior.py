@@ -12,9 +12,10 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from ease_jax import evaluate as E
+from ease_jax import generate as G
 from ease_jax import sharding
 from ease_jax.config import Config
+from ease_jax.recipe import evaluate as E
 
 METRICS = ("reasoning_rate", "refusal_rate", "mean_new_tokens", "mean_think_tokens")
 
@@ -30,7 +31,6 @@ def make(cfg: Config, graphdef: nnx.GraphDef, params: Any, model_cfg: Any, token
   """A function (step, params) -> scalars, or None when `behavior.file` is not set."""
   if not cfg.behavior.file:
     return None
-  from ease_jax import generate as G
 
   items = E.read_eval_file(cfg.behavior.file)  # bad files fail before the first step
   dp = sharding.data_parallel(mesh)

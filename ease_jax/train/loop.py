@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ease_jax import batch as batch_lib, checkpoint, config as config_lib, init, runlock, sharding
-from ease_jax.checkpoint import Checkpointer
+from ease_jax import batch as batch_lib, config as config_lib, init_from as init, sharding
+from ease_jax.train import checkpoint, runlock
+from ease_jax.train.checkpoint import Checkpointer
 from ease_jax.config import Config
 from ease_jax.data import report as data_report
 from ease_jax.data.pipeline import Pipeline

@@ -17,7 +17,7 @@ two failures in a row (not out of memory) stop the run, since the rest would fai
 whole run stays within `--budget-s` (460 s): a configuration starts only with
 `--min-config-s` (60 s; one took 45-57 s on an H200) left, and is stopped at the budget. MFU
 uses the training metric's formula: `DecoderConfig.flops_per_token(seq_len) * tokens/s /
-(peak bf16 FLOP/s * devices)`, with the peaks of `ease_jax.metrics`. Prints a table, then one
+(peak bf16 FLOP/s * devices)`, with the peaks of `ease_jax.train.metrics`. Prints a table, then one
 JSON line.
 """
 
@@ -114,7 +114,8 @@ def measure(model: str, remat: bool, attention: str, batch_per_device: int, seq_
   """One configuration, in this process: compile, warm up, time `steps` steps."""
   import jax
   from flax import nnx
-  from ease_jax import metrics, sharding
+  from ease_jax.train import metrics
+  from ease_jax import sharding
   from ease_jax.config import Config, TrainConfig
   from ease_jax.models import Decoder, get_preset
   from ease_jax.train import optim, step as step_lib, tail as tail_lib

@@ -108,7 +108,7 @@ def export_model(shape: str, directory: str) -> tuple[str, int]:
   import torch
   import transformers
 
-  from ease_jax import export
+  from ease_jax.hf import save as export
   from ease_jax.hf import load_pretrained
   from ease_jax.tokenizer import load_tokenizer
   tok = load_tokenizer()

@@ -15,7 +15,7 @@ def torch_reference(mcfg, directory: str, seed: int, dtype: str):
   then held in `dtype`."""
   import torch
   import transformers
-  from ease_jax.export import hf_config
+  from ease_jax.hf.save import hf_config
   torch.manual_seed(seed)
   hf = transformers.Qwen2Config(**hf_config(mcfg, "float32"))
   model = transformers.Qwen2ForCausalLM(hf).float()

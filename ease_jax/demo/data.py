@@ -4,7 +4,7 @@ Built in this order, so that what is held out stays out:
 
   1. the in-distribution eval prompts (training banks, combinations drawn first): their
      requests are then kept out of every training text (a wrapper may repeat, a request not);
-  2. the training files from the training banks only (ease_jax.demo_text.TRAIN), each item
+  2. the training files from the training banks only (ease_jax.demo.text.TRAIN), each item
      rejected when any of its texts contains an in-distribution eval request;
   3. the held-out eval prompts from the held-out banks (new wrappers, new topics, both), each
      rejected when it shares an 8-word sequence with any training text (new topics appear
@@ -26,8 +26,8 @@ import random
 import re
 from collections.abc import Callable, Iterable
 
-from ease_jax import demo_teachers, demo_text as T
-from ease_jax.demo_text import HELD, TRAIN, adversarial_item, benign_item, harmful_item
+from ease_jax.demo import teachers as demo_teachers, text as T
+from ease_jax.demo.text import HELD, TRAIN, adversarial_item, benign_item, harmful_item
 
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
 NGRAM = 8  # held-out prompts share no sequence of this many words with training text

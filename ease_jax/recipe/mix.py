@@ -31,7 +31,7 @@ from ease_jax.config import SourceConfig
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import ADAPTERS, Record, load_records, make_record
 from ease_jax.errors import DataError, UserError
-from ease_jax.stages import Prompt, normalize, prompt_fields, write_jsonl
+from ease_jax.recipe.diagnose import Prompt, normalize, prompt_fields, write_jsonl
 
 KINDS = ("reasoning", "refusal", "direct")
 

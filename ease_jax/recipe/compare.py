@@ -28,11 +28,14 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from ease_jax import config as C
-from ease_jax import evaluate as E
+from ease_jax import generate as G
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS
 from ease_jax.data.records import ADAPTERS
 from ease_jax.errors import ConfigError, UserError
+from ease_jax.recipe import evaluate as E
+from ease_jax.recipe.judges import make_judge
+from ease_jax.recipe.refusals import make_refusal_detector
 
 # (report key, column title): benchmark-level numbers, then per-class numbers.
 HEADLINE = (("attack_success_rate", "ASR"), ("over_refusal_rate", "over-refusal"),
@@ -153,10 +156,6 @@ def evaluate_models(models: dict[str, str], suite: Suite, out: Path,
                     log: Callable[[str], None] = print,
                     lm_eval_runner: Callable[[str, LmEvalSuite], dict] = run_lm_eval) -> dict:
   """Every benchmark (and the lm_eval tasks) on every model: {name: {model, benchmarks, lm_eval}}."""
-  from ease_jax import generate as G
-  from ease_jax.judges import make_judge
-  from ease_jax.refusals import make_refusal_detector
-
   items = {E.source_label(b.source()): E.read_eval_file(b.source())  # a bad file fails first
            for b in suite.benchmarks}
   if suite.lm_eval is not None and lm_eval_runner is run_lm_eval:

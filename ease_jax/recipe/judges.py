@@ -6,7 +6,7 @@
   verdicts = judge.judge(prompts, responses)                  # list[Verdict], one per pair
 
 `Verdict.unsafe` is the judge's call on the *response* given the prompt. `categories` are the
-project's policy categories (the names of `ease_jax.demo_banks.POLICIES`, plus a few the demo has
+project's policy categories (the names of `ease_jax.demo.banks.POLICIES`, plus a few the demo has
 no bank for); `codes` are the judge's own labels (Llama-Guard's "S1".."S14"). A judge output that
 cannot be parsed gives `valid=False` (and `unsafe=False`): callers count those, never drop them.
 """
@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ease_jax import generate as G
 from ease_jax.errors import UserError
 
 
@@ -203,7 +204,7 @@ class PythonJudge(Judge):
         out.append(Verdict(v, raw=str(v).lower()))
       else:
         raise UserError(f"judge {self.name} returned {type(v).__name__} at index {i}; "
-                        "expected bool (True = unsafe) or ease_jax.judges.Verdict")
+                        "expected bool (True = unsafe) or ease_jax.recipe.judges.Verdict")
     return out
 
 
@@ -241,7 +242,6 @@ class LlamaGuardJudge(Judge):
 
   def __init__(self, spec: str, batch_size: int = 8, max_new_tokens: int = 24, mesh=None,
                dtype: str = "float32"):
-    from ease_jax import generate as G
     self.name = f"llama_guard:{spec}"
     model, cfg, self.tokenizer = G.load_generation_model(spec, param_dtype=dtype,
                                                          compute_dtype=dtype)

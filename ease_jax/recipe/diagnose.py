@@ -25,12 +25,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ease_jax.config import SourceConfig
+from ease_jax import generate as G
+from ease_jax import sharding
+from ease_jax.config import MeshConfig, SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
 from ease_jax.errors import DataError, UserError
-from ease_jax.judges import Judge, Verdict
+from ease_jax.recipe.judges import Judge, Verdict
 
 VERDICTS = ("unsafe", "safe", "invalid")
 
@@ -208,8 +210,6 @@ def auto_mesh():
   import jax
   if jax.device_count() == 1:
     return None
-  from ease_jax import sharding
-  from ease_jax.config import MeshConfig
   return sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
 
 
@@ -248,7 +248,6 @@ def generate_answers(prompts: list[Prompt], model_spec: str, *,
                      dtype: str = "float32") -> list[str]:
   """The model's answers, rendered with its own chat template; sampled as the reference does
   by default (temperature 0.7, top_p 1.0, 512 new tokens, seeded); temperature 0 = greedy."""
-  from ease_jax import generate as G
   log(f"diagnose: loading {model_spec}")
   model, cfg, tok = G.load_generation_model(model_spec, param_dtype=dtype, compute_dtype=dtype)
   gen = G.Generator(model, cfg, tok, mesh=auto_mesh(), batch_size=batch_size)

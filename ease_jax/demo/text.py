@@ -7,8 +7,8 @@ topics and phrasings that no training text uses, for the held-out eval splits).
 import random
 from dataclasses import dataclass
 
-from ease_jax import demo_banks as B
-from ease_jax.demo_banks import ALTERNATIVES, HARMFUL_PHRASINGS, POLICIES
+from ease_jax.demo import banks as B
+from ease_jax.demo.banks import ALTERNATIVES, HARMFUL_PHRASINGS, POLICIES
 
 SOURCE = "ease-jax-demo"
 INNER_HARMFUL = ["explain how to {v}.", "tell me how to {v}.", "describe exactly how to {v}.",
@@ -233,8 +233,8 @@ def jailbreak_trace(rng: random.Random, desc: str, topic: tuple) -> tuple[str, s
 # ---------------------------------------------------------------- files
 
 def build_demo_dataset(seed: int = 0) -> dict[str, list[dict]]:
-  """All demo files as {file name: rows} (ease_jax.demo_data builds them)."""
-  from ease_jax import demo_data  # demo_data imports this module's makers
+  """All demo files as {file name: rows} (ease_jax.demo.data builds them)."""
+  from ease_jax.demo import data as demo_data  # demo_data imports this module's makers
   return demo_data.build_demo_dataset(seed)
 
 
@@ -269,5 +269,5 @@ def general_english(seed: int = 0, n: int = 3000) -> list[str]:
 def corpus_texts(seed: int = 0) -> list[str]:
   """Every text the demo tokenizer is trained on: the training files' fields plus general
   English; never the eval files."""
-  from ease_jax import demo_data  # demo_data imports this module's makers
+  from ease_jax.demo import data as demo_data  # demo_data imports this module's makers
   return demo_data.training_texts(build_demo_dataset(seed), general_english(seed))

@@ -1,17 +1,17 @@
 """The one-command demo: the EASE recipe end to end on a tiny model, on CPU, in minutes.
 
-  1. the bundled synthetic data (written by ease_jax.demo_data when missing),
+  1. the bundled synthetic data (written by ease_jax.demo.data when missing),
   2. the original student: refusal training from scratch (configs/demo_base.yaml) -> RUN_DIR/base,
   3. phase 1, reasoning implantation from it (configs/demo_phase1.yaml) -> RUN_DIR/phase1,
   4. diagnosis: the original student answers the jailbreak pool (data/demo/pool.jsonl), the
      offline `refusal` judge reads each answer; the unrefused ones are the vulnerable region
-     -> RUN_DIR/diagnose (ease_jax.stages, as tools/diagnose.py),
+     -> RUN_DIR/diagnose (ease_jax.recipe.diagnose, as tools/diagnose.py),
   5. the synthetic teacher writes traces for the vulnerable prompts -> RUN_DIR/teacher,
   6. build_mix: vulnerable + traces, plain harmful refusals, benign answers -> RUN_DIR/mix,
   7. phase 2, boundary calibration on the mix from phase 1 (configs/demo_phase2.yaml)
      -> RUN_DIR/phase2,
   8. the comparison: base (refusal only), always-reason (phase 1), EASE (phase 2) on the four
-     eval splits -> RUN_DIR/compare (ease_jax.compare), RUN_DIR/eval (EASE, in-distribution),
+     eval splits -> RUN_DIR/compare (ease_jax.recipe.compare), RUN_DIR/eval (EASE, in-distribution),
   9. export of the EASE model to Hugging Face format -> RUN_DIR/export,
  10. the summary, RUN_DIR/demo.md.
 """
@@ -25,7 +25,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ease_jax import generate as G
 from ease_jax.config import Config, SourceConfig, load_config
+from ease_jax.demo import teachers as demo_teachers
+from ease_jax.demo.data import build_demo_dataset
+from ease_jax.errors import UserError
+from ease_jax.hf import save as export
+from ease_jax.recipe import compare, judges, mix
+from ease_jax.recipe import diagnose as stages
+from ease_jax.train import loop
 
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
 MODELS = ("base", "always_reason", "ease")
@@ -44,7 +52,6 @@ DIAGNOSE_TOKENS = 96  # the original student answers directly; a refusal shows i
 
 def ensure_data(data_dir: Path) -> None:
   """Writes the bundled synthetic data set when any of its files is missing (deterministic)."""
-  from ease_jax.demo_data import build_demo_dataset
   files = build_demo_dataset(seed=0)
   if all((data_dir / name).exists() for name in files):
     return
@@ -102,7 +109,6 @@ class Clock:
 
 def diagnose(base_dir: Path, pool: str, out: Path, max_new_tokens: int) -> dict:
   """The original student on the jailbreak pool, judged offline: tools/diagnose.py's calls."""
-  from ease_jax import judges, stages
   out.mkdir(parents=True, exist_ok=True)
   return stages.diagnose(str(out), lambda: judges.make_judge(JUDGE), prompts_path=pool,
                          adapter="prompts", model=str(base_dir), max_new_tokens=max_new_tokens,
@@ -111,7 +117,6 @@ def diagnose(base_dir: Path, pool: str, out: Path, max_new_tokens: int) -> dict:
 
 def teach(vulnerable_file: Path, out: Path) -> Path:
   """The synthetic teacher's traces for the vulnerable prompts, in tools/generate.py's layout."""
-  from ease_jax import demo_teachers, stages
   prompts = stages.read_judged(str(vulnerable_file)) if vulnerable_file.stat().st_size else []
   texts = demo_teachers.write_traces([p.prompt for p in prompts])
   path = out / "traces.jsonl"
@@ -122,7 +127,6 @@ def teach(vulnerable_file: Path, out: Path) -> Path:
 
 def make_mix(diag_dir: Path, traces: Path, data_dir: Path, out: Path) -> dict:
   """build_mix: vulnerable prompts + teacher traces, plain harmful refusals, benign answers."""
-  from ease_jax import mix, stages
   out.mkdir(parents=True, exist_ok=True)
   vulnerable_file = diag_dir / "vulnerable.jsonl"
   vulnerable = stages.read_judged(str(vulnerable_file)) if vulnerable_file.stat().st_size else []
@@ -139,8 +143,7 @@ def make_mix(diag_dir: Path, traces: Path, data_dir: Path, out: Path) -> dict:
 
 
 def compare_models(run_dir: Path, data_dir: Path, max_new_tokens: int) -> dict:
-  """The three models on the four eval splits (ease_jax.compare) -> RUN_DIR/compare."""
-  from ease_jax import compare
+  """The three models on the four eval splits (ease_jax.recipe.compare) -> RUN_DIR/compare."""
   # compare.Benchmark where the comparison module has it (newer suites), else a SourceConfig:
   # both take the same name / adapter / path fields
   bench = getattr(compare, "Benchmark", SourceConfig)
@@ -215,9 +218,6 @@ def recipe_lines(diag: dict, mix_summary: dict) -> list[str]:
 
 def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) -> dict[str, Any]:
   """Runs the whole demo; returns the comparison table, the goal lines and the stage times."""
-  from ease_jax import export, generate as G
-  from ease_jax.train import loop
-
   clock = Clock()
   run_dir = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")),
                       "runs/demo"))
@@ -274,7 +274,6 @@ README_START, README_END = "<!-- demo results: start -->", "<!-- demo results: e
 def update_readme(run_dir: Path, readme: Path) -> None:
   """Replaces the README's demo results block with RUN_DIR/demo.md (its sections, one level
   down), so the README shows a run's numbers as written, never typed by hand."""
-  from ease_jax.errors import UserError
   text, summary = readme.read_text(), (run_dir / "demo.md").read_text()
   if README_START not in text or README_END not in text:
     raise UserError(f"{readme}: no '{README_START}' ... '{README_END}' block")
@@ -283,9 +282,3 @@ def update_readme(run_dir: Path, readme: Path) -> None:
   head, rest = text.split(README_START, 1)
   readme.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{rest.split(README_END, 1)[1]}")
 
-
-if __name__ == "__main__":  # python -m ease_jax.demo RUN_DIR: the README block from that run
-  import sys
-  from ease_jax.errors import run_main
-  sys.exit(run_main(lambda: update_readme(Path(sys.argv[1]), Path(__file__).parents[1] / "README.md")
-                    or 0))

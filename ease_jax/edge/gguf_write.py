@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 
 from ease_jax.errors import UserError
-from ease_jax.export import END_OF_TURN_TOKENS
-from ease_jax.gguf_io import ROPE_FREQS, hf_to_gguf_name, llama3_factors, permute_qk
-from ease_jax.hf import path_str, to_hf, weight_table
+from ease_jax.hf.save import END_OF_TURN_TOKENS
+from ease_jax.edge.gguf_read import ROPE_FREQS, hf_to_gguf_name, llama3_factors, permute_qk
+from ease_jax.hf.mapping import path_str, to_hf, weight_table
 from ease_jax.models import Decoder, DecoderConfig
 
 Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
@@ -242,13 +242,13 @@ def _kept_f32(path: str) -> bool:
 
 def verify_gguf(model: Decoder, path: str | Path, token_ids: list[list[int]],
                 type_name: str) -> list[dict]:
-  """The GGUF read back (ease_jax.gguf_io) vs the checkpoint, per token sequence.
+  """The GGUF read back (ease_jax.edge.gguf_read) vs the checkpoint, per token sequence.
 
   For F32/F16/BF16 the checkpoint's parameters are rounded to the file's type first, so
   `max_abs_diff` is an export error, not rounding. For quantized types it is the
   quantization's effect, reported with the greedy (argmax) agreement over all positions
   and the mean next-token loss of both models on the sequences."""
-  from ease_jax.gguf_io import load_gguf  # imports this module's names' sources; no cycle
+  from ease_jax.edge.gguf_read import load_gguf  # imports this module's names' sources; no cycle
 
   ref_model = _rounded_like_file(model, {"F16": jnp.float16, "BF16": jnp.bfloat16}.get(type_name))
   read_back, _ = load_gguf(path)

@@ -38,8 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from ease_jax import config as config_lib
+from ease_jax import init_from as init
 from ease_jax.config import Config, SourceConfig
+from ease_jax.data.records import ADAPTERS, THINK_CLOSE, THINK_OPEN, load_records
 from ease_jax.errors import UserError
+from ease_jax.recipe import evaluate as E
+from ease_jax.recipe.evaluate import read_eval_file, think_token_count
+from ease_jax.recipe.judges import make_judge
+from ease_jax.train import loop
 
 W_OVER_REFUSAL = 0.5
 W_LENGTH = 0.1
@@ -60,8 +66,6 @@ class Candidate:
 
 def parse_candidate(spec: str) -> Candidate:
   """'NAME=FILE' or 'NAME=FILE:ADAPTER' -> Candidate (adapter star by default)."""
-  from ease_jax.data.records import ADAPTERS
-
   name, sep, rest = spec.partition("=")
   if not sep or not rest:
     raise UserError(f"candidate {spec!r}: expected NAME=FILE or NAME=FILE:ADAPTER")
@@ -89,7 +93,6 @@ def shared_steps(base: Config, candidates: list[Candidate], tokenizer: Any) -> i
   takes the same number of steps and every teacher's traces get at least the epochs."""
   if base.train.steps:
     return base.train.steps
-  from ease_jax.train import loop
   import jax
   batch = base.train.batch_size // jax.process_count()
   return max(loop.total_steps(c, loop.make_pipeline(c, tokenizer, "train", batch))
@@ -98,9 +101,6 @@ def shared_steps(base: Config, candidates: list[Candidate], tokenizer: Any) -> i
 
 def trace_stats(cand: Candidate, tokenizer: Any) -> dict[str, float]:
   """Mean think-block tokens (tags included, as the evaluation counts them) of a trace file."""
-  from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, load_records
-  from ease_jax.evaluate import think_token_count
-
   ids = (tokenizer.convert_tokens_to_ids(THINK_OPEN), tokenizer.convert_tokens_to_ids(THINK_CLOSE))
   counts, reasoned = [], 0
   for rec in load_records(cand.source):
@@ -186,8 +186,6 @@ def markdown(ranking: list[dict], meta: dict) -> str:
 def evaluate_student(run_dir: Path, eval_file: str, judge: Any, max_new_tokens: int,
                      batch_size: int) -> dict:
   """Greedy evaluation of a student's latest checkpoint -> RUN_DIR/eval (report.json, ...)."""
-  from ease_jax import evaluate as E
-
   return E.evaluate_model(str(run_dir), eval_file, run_dir / "eval", max_new_tokens,
                           batch_size, judge)
 
@@ -196,11 +194,6 @@ def select(base: Config, candidates: list[Candidate], eval_file: str, out_dir: s
            judge_spec: str = "refusal", max_new_tokens: int = 256, batch_size: int = 20,
            config_name: str = "") -> list[dict]:
   """Trains and evaluates one student per candidate; writes OUT/ranking.{json,md}; the ranking."""
-  from ease_jax import init
-  from ease_jax.evaluate import read_eval_file
-  from ease_jax.judges import make_judge
-  from ease_jax.train import loop
-
   names = [c.name for c in candidates]
   if len(candidates) < 2 or len(set(names)) != len(names):
     raise UserError(f"teacher selection needs two or more candidates with distinct names, "

@@ -24,7 +24,7 @@ import yaml
 
 from ease_jax.data.records import THINK_OPEN
 from ease_jax.errors import UserError
-from ease_jax.stages import Prompt, prompt_fields
+from ease_jax.recipe.diagnose import Prompt, prompt_fields
 
 PREFILL = THINK_OPEN + "\n"
 GENERIC = "generic"

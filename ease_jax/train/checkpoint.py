@@ -38,10 +38,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ease_jax import ckpt_errors, ckpt_verify as verify
-from ease_jax.config import CheckpointConfig
+from ease_jax import sharding
+from ease_jax.config import CheckpointConfig, MeshConfig
 from ease_jax.errors import UserError
-from ease_jax.models import DecoderConfig
+from ease_jax.models import Decoder, DecoderConfig
+from ease_jax.train import ckpt_errors
+from ease_jax.train import ckpt_verify as verify
 
 ITEMS = ("params", "train", "data", "model_config", "meta")
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step still being written
@@ -157,7 +159,7 @@ def set_aside(run_dir: str | Path) -> Path | None:
     for n in names:
       (run_dir / n).rename(dest / n)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("ease_jax.checkpoint.set_aside")
+    multihost_utils.sync_global_devices("ease_jax.train.checkpoint.set_aside")
   return dest
 
 
@@ -305,7 +307,7 @@ class Checkpointer:
       lines.append(f"checkpoint step {step} is damaged ({why}); moved to {dest}")
     if problems:
       if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("ease_jax.checkpoint.set_aside_damaged")
+        multihost_utils.sync_global_devices("ease_jax.train.checkpoint.set_aside_damaged")
       self._mgr.reload()
     return lines
 
@@ -386,9 +388,6 @@ def load_model(run_dir: str | Path, step: int | None = None, mesh: Any = None,
   """
   from flax import nnx
 
-  from ease_jax import sharding
-  from ease_jax.config import MeshConfig
-  from ease_jax.models import Decoder
 
   model_cfg, step = read_model_config(run_dir, step)
   if "attention" not in numerics and not sharding.attention_runs_here(model_cfg.attention):

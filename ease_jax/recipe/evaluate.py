@@ -17,12 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ease_jax import scoring as S
+from ease_jax import generate as G
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
 from ease_jax.errors import DataError
+from ease_jax.recipe import scoring as S
+from ease_jax.recipe.refusals import make_refusal_detector
 
 CLASS_ORDER = ("benign", "harmful", "adversarial_harmful", "adversarial_benign")
 HARMFUL_CLASSES = ("harmful", "adversarial_harmful")
@@ -39,7 +41,7 @@ class EvalItem:
 
 @dataclass(frozen=True)
 class Outcome:
-  """What the model did on one prompt (scored by `ease_jax.scoring`'s rules)."""
+  """What the model did on one prompt (scored by `ease_jax.recipe.scoring`'s rules)."""
   cls: str
   text: str  # the generated text, think block included
   new_tokens: int
@@ -197,7 +199,6 @@ def outcomes_from(items: list[EvalItem], gens: list[Any], think_ids: tuple[int, 
                   seconds: list[float] | None = None) -> list[Outcome]:
   """Outcomes from generations (`Generation`s aligned with `items`); `opened[i]`: prompt i's
   template opened the think block."""
-  from ease_jax.refusals import make_refusal_detector
   parsed = [S.parse(g.text, o) for g, o in zip(gens, opened)]
   answers = [p.answer or "" for p in parsed]
   prompts = [i.record.prompt for i in items]
@@ -278,8 +279,6 @@ def evaluate_model(model: str, eval_file: str, out_dir: str | Path, max_new_toke
                    progress: Callable[[int, int], None] | None = None,
                    scorers: Scorers | None = None) -> dict:
   """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`."""
-  from ease_jax import generate as G
-
   items = read_eval_file(eval_file, adapter)  # a bad file fails before the model loads
   weights, cfg, tokenizer = G.load_generation_model(model)
   generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size)

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
-from ease_jax import checkpoint, hf, sharding
+from ease_jax.train import checkpoint
+from ease_jax import hf, sharding
 from ease_jax.config import Config
 from ease_jax.errors import ConfigError, UserError
 from ease_jax.models import Decoder, DecoderConfig, get_preset

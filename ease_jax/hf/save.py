@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ease_jax import export_dir
 from ease_jax.errors import UserError
-from ease_jax.hf import FAMILY_ARCH, param_shapes, path_str, to_hf, weight_table
+from ease_jax.hf import export_dir
+from ease_jax.hf.mapping import FAMILY_ARCH, param_shapes, path_str, to_hf, weight_table
 from ease_jax.models import Decoder, DecoderConfig
 from ease_jax.models.layers import dtype_of
 
@@ -166,7 +166,7 @@ def save_pretrained(model: Decoder, cfg: DecoderConfig, out_dir: str | Path, tok
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, protect: tuple = ()) -> Path:
   """Writes an HF directory (weights, config.json, tokenizer, generation_config.json).
 
-  `overwrite` replaces only a previous export (see ease_jax/export_dir.py); `protect` names
+  `overwrite` replaces only a previous export (see ease_jax/hf/export_dir.py); `protect` names
   paths (e.g. the checkpoint's run directory) that `out_dir` must never contain.
   """
   out = Path(out_dir)

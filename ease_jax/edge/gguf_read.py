@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import pre_tokenizers
 
 from ease_jax.errors import UserError
-from ease_jax.hf import assemble, param_shapes, to_hf, to_jax, weight_table
+from ease_jax.hf.mapping import assemble, param_shapes, to_hf, to_jax, weight_table
 from ease_jax.models import Decoder, DecoderConfig
 from ease_jax.models.layers import dtype_of
 

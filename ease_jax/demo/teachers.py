@@ -18,8 +18,8 @@ import random
 import re
 
 from ease_jax.data.records import split_think
-from ease_jax.demo_banks import HARMFUL_TOPICS, POLICIES, WRAPPERS
-from ease_jax.demo_text import jailbreak_trace
+from ease_jax.demo.banks import HARMFUL_TOPICS, POLICIES, WRAPPERS
+from ease_jax.demo.text import jailbreak_trace
 
 TEACHERS = ("strong", "weak", "overcautious")
 WEAK_COMPLY_HARMFUL = 0.75  # share of plainly harmful prompts the weak teacher complies with

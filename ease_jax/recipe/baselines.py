@@ -18,6 +18,7 @@ from pathlib import Path
 from ease_jax.config import Config, SourceConfig
 from ease_jax.data.records import Record, load_records, source_name, split_think
 from ease_jax.errors import DataError, UserError
+from ease_jax.recipe.refusals import pattern_refusal
 
 KINDS = ("refusal", "always_reason")
 # `generic` reasoning for targets without a trace: honest about being a template (the demo's
@@ -75,8 +76,6 @@ def reasoning_target(record: Record, traces: dict[str, str], generic: bool) -> d
 def write_baseline(sources: tuple[SourceConfig, ...], kind: str, out_dir: str,
                    traces: str = "", generic: bool = False) -> dict[str, int]:
   """One prompt_response JSONL per source under `out_dir`; {file: rows}."""
-  from ease_jax.refusals import pattern_refusal
-
   if kind not in KINDS:
     raise UserError(f"unknown baseline {kind!r}; expected one of {', '.join(KINDS)}")
   trace_map = read_traces(traces) if traces else {}
