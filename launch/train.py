@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
       if args.fresh:
         raise UserError("--fresh applies to one training run (--config FILE); to start the demo "
                         "over, delete its run_dir")
-      from ease_jax.demo import run_demo
+      from ease_jax.demo.run import run_demo
       run_demo(CONFIG_DIR, args.overrides, args.eval_max_new_tokens)
       return 0
     cfg = load_config(args.config, args.overrides)

@@ -135,19 +135,19 @@ def _aligned_rows() -> tuple[jax.Array, jax.Array]:
 def test_block_causal_attention_equals_dense(rows, T, block):
   """Blockwise attention = jax's dense masked attention on packed rows with padding, with
   T not a multiple of the block and skipped key tiles: outputs and gradients."""
-  from ease_jax.models import layers
+  from ease_jax.models import cpu_kernels, layers
   B, N, K, H = (3 if rows == "random" else 2), 4, 2, 16
   rng = np.random.RandomState(0)
   q, k, v, w = (jnp.asarray(rng.randn(B, T, n, H), jnp.float32) for n in (N, K, K, N))
   mask = layers.decoder_mask(*(_packed_rows(B, T, seed=T) if rows == "random" else _aligned_rows()))
   if rows == "aligned":  # make sure the test covers skipping: block [192, 256) starts at tile 2
-    assert int(layers._first_tile(mask[:, :, 192:256, :256], block)) == 2
+    assert int(cpu_kernels._first_tile(mask[:, :, 192:256, :256], block)) == 2
 
   def dense(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
   def blockwise(q, k, v):
-    return layers.block_causal_attention(q, k, v, mask, block=block)
+    return cpu_kernels.block_causal_attention(q, k, v, mask, block=block)
 
   np.testing.assert_allclose(jax.jit(blockwise)(q, k, v), jax.jit(dense)(q, k, v), atol=2e-6)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
@@ -158,7 +158,7 @@ def test_block_causal_attention_equals_dense(rows, T, block):
 
 def test_query_block_bounds_the_branch_count():
   """Blocks of 128 up to 8 blocks, then larger multiples of 128 (compile time ~ blocks^2)."""
-  from ease_jax.models.layers import MAX_QUERY_BLOCKS, query_block
+  from ease_jax.models.cpu_kernels import MAX_QUERY_BLOCKS, query_block
   assert [query_block(T) for T in (77, 904, 1024, 1025, 2048, 4096, 8192)] == [
       128, 128, 128, 256, 256, 512, 1024]
   for T in range(1, 20000, 97):

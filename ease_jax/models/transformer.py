@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ease_jax.models.layers import (MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear,
-                                   param)
+from ease_jax.models import cpu_kernels
+from ease_jax.models.layers import MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear, param
 from ease_jax.models.rope import rope_cos_sin, rope_inv_freq, rope_lookup
 from ease_jax.sharding import constrain
 
@@ -135,7 +135,7 @@ class Decoder(nnx.Module):
   def rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The rotary (cos, sin) [B,T,H] of these positions, computed once for all layers (looked
     up in tables on XLA:CPU: `rope_lookup`)."""
-    if jax.default_backend() == "cpu":
+    if cpu_kernels.active():
       return rope_lookup(positions_BxT, self.inv_freq())
     return rope_cos_sin(positions_BxT, self.inv_freq())
 

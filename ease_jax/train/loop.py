@@ -17,24 +17,35 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from ease_jax import batch as batch_lib, config as config_lib, init_from as init, sharding
-from ease_jax.train import checkpoint, runlock
-from ease_jax.train.checkpoint import Checkpointer
+from ease_jax import batch as batch_lib
+from ease_jax import config as config_lib
+from ease_jax import init_from as init
+from ease_jax import sharding
 from ease_jax.config import Config
 from ease_jax.data import report as data_report
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
-from ease_jax.train import behavior, loss as loss_lib, optim, step as step_lib
+from ease_jax.models import DecoderConfig
+from ease_jax.train import behavior, checkpoint, optim, runlock
+from ease_jax.train import loss as loss_lib
+from ease_jax.train import step as step_lib
+from ease_jax.train.checkpoint import Checkpointer
+
 # NonFiniteLossError is re-exported: launch/train.py catches loop.NonFiniteLossError.
 from ease_jax.train.logger import Logger, NonFiniteLossError, present_losses  # noqa: F401
 from ease_jax.train.signals import StopSignals
+
+StepFn = Callable[[step_lib.TrainState, dict], tuple]  # (state, batch) -> (state, metrics)
+EvalFn = Callable[[step_lib.TrainState, dict], dict]  # (state, batch) -> eval sums
+BehaviorFn = Callable[[int, Any], dict[str, float]]  # (step, params) -> generation metrics
 
 
 @dataclasses.dataclass
@@ -73,21 +84,21 @@ class Run:
   """Everything the loop needs, built once by `setup`."""
   cfg: Config
   run_dir: Path
-  mesh: Any
-  model_cfg: Any
+  mesh: Mesh
+  model_cfg: DecoderConfig
   state: step_lib.TrainState
-  train_fn: Any  # one step
-  train_calls: Any  # train.steps_per_call steps per call (None when that is 1)
-  eval_fn: Any
+  train_fn: StepFn  # one step
+  train_calls: StepFn | None  # train.steps_per_call steps per call (None when that is 1)
+  eval_fn: EvalFn | None  # None without eval data
   train_data: Pipeline
   eval_data: Pipeline | None
-  data_iter: Iterator
+  data_iter: Iterator[dict[str, np.ndarray]]
   ckpt: Checkpointer
   total_steps: int
   start_step: int
   skipped_steps: int = 0  # non-finite steps skipped before start_step (from the checkpoint)
   notes: tuple[str, ...] = ()  # what resuming had to work around, printed at the start
-  behavior: Any = None  # (step, params) -> scalars: generation-based eval (behavior.file)
+  behavior: BehaviorFn | None = None  # generation-based eval (behavior.file), if configured
   data_report: data_report.DataReport | None = None  # rows read/bad/overlong/kept per source
 
 

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ease_jax import sharding
+from ease_jax.models import cpu_kernels
 from ease_jax.train import loss as loss_lib
-
 
 # The smallest step between sizes: finer steps save too little to pay for compiling another
 # branch (with 8 buckets the test suite's many tiny steps compiled ~50% longer).
@@ -52,7 +52,7 @@ def resolve_buckets(buckets: int) -> int:
   """`train.tail_buckets` with -1 (the default) resolved for the current backend."""
   if buckets >= 0:
     return buckets
-  return CPU_BUCKETS if jax.default_backend() == "cpu" else 0
+  return CPU_BUCKETS if cpu_kernels.active() else 0
 
 
 def bucket_sizes(T: int, buckets: int) -> tuple[int, ...]:
