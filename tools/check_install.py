@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Checks an installation: every module of the package imports, every tool answers --help.
+"""Checks an installation: every module imports; every tool and console command answers --help.
 
   python tools/check_install.py
 
@@ -11,7 +11,9 @@ tool and the import that failed. Exit 0 when everything passes, 1 otherwise.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import shutil
 import pkgutil
 import subprocess
 import sys
@@ -84,14 +86,39 @@ def check_help(timeout: float = 300) -> list[str]:
   return failures
 
 
+def console_commands() -> list[str]:
+  """The installed distribution's console scripts (pyproject.toml [project.scripts]), less
+  those of optional extras that are not installed."""
+  skipped = tuple(pkg for pkg, _ in optional_skips())
+  eps = importlib.metadata.distribution("ease-jax").entry_points
+  return sorted(ep.name for ep in eps if ep.group == "console_scripts"
+                and not any(ep.value.startswith(pkg) for pkg in skipped))
+
+
+def check_commands(timeout: float = 300) -> list[str]:
+  """Runs every console command with --help; one failure line per command that fails."""
+  failures = []
+  for name in console_commands():
+    exe = shutil.which(name)
+    if exe is None:
+      failures.append(f"{name}: not on PATH (is the package installed in this environment?)")
+      continue
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+      failures.append(f"{name} --help: exit {proc.returncode}: {tail}")
+  return failures
+
+
 def main() -> int:
   modules, tools = package_modules(), [s for s in tool_scripts() if not is_helper_module(s)]
-  failures = check_imports() + check_help()
+  failures = check_imports() + check_help() + check_commands()
   for line in failures:
     print(f"FAIL {line}", file=sys.stderr)
   for pkg, extra in optional_skips():
     print(f"skipped {pkg}: the optional extra [{extra}] is not installed")
-  print(f"{len(modules)} modules imported, {len(tools)} tools answered --help: "
+  print(f"{len(modules)} modules imported, {len(tools)} tools and {len(console_commands())} "
+        f"commands answered --help: "
         f"{'all passed' if not failures else f'{len(failures)} failed'}")
   return 1 if failures else 0
 
