@@ -33,9 +33,9 @@ import argparse
 import os
 import sys
 
-
-from ease_jax.recipe import mix, diagnose as stages
 from ease_jax.errors import UserError
+from ease_jax.recipe import diagnose as stages
+from ease_jax.recipe import mix
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,9 +17,6 @@ import sys
 from pathlib import Path
 
 
-from ease_jax.errors import run_main
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", nargs="+", required=True, help="NAME=RUN_DIR[@STEP] or NAME=HF_DIR")

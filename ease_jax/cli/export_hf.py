@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-from ease_jax.train import checkpoint
-from ease_jax.hf import save as export, export_dir
 from ease_jax.config import POSITIVE, arg
-from ease_jax.errors import UserError, run_main
+from ease_jax.errors import UserError
+from ease_jax.hf import export_dir
+from ease_jax.hf import save as export
 from ease_jax.tokenizer import load_tokenizer
+from ease_jax.train import checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 
-
 import numpy as np
 
 from ease_jax import init_from as init

@@ -17,10 +17,6 @@ Writes OUT/<source name>.jsonl (prompt_response rows) per training source of eve
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-
-from ease_jax.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--generic", action="store_true",
                  help="always_reason: a fixed short reasoning where there is no trace")
   args = p.parse_args(argv)
-  from ease_jax.recipe import baselines
   from ease_jax.config import load_config
+  from ease_jax.recipe import baselines
 
   sources = tuple(s for c in args.config for s in baselines.train_sources(load_config(c)))
   for path, n in baselines.write_baseline(sources, args.kind, args.out, args.traces,

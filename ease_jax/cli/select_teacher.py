@@ -21,9 +21,9 @@ import argparse
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/) of an editable install
+from ease_jax.errors import UserError
 
-from ease_jax.errors import UserError, run_main
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/) of an editable install
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax.recipe import teachers
   from ease_jax.config import load_config
+  from ease_jax.recipe import teachers
 
   if any(o.startswith("run_dir=") for o in args.overrides):
     raise UserError("run_dir= does not apply here: each student trains in OUT/NAME (use --out)")

@@ -24,10 +24,10 @@ import json
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/) of an editable install
+from ease_jax.recipe import diagnose as stages
+from ease_jax.recipe import traces
 
-from ease_jax.recipe import diagnose as stages, traces
-from ease_jax.errors import run_main
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/) of an editable install
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

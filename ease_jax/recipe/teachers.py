@@ -40,6 +40,7 @@ from typing import Any
 from ease_jax import config as config_lib
 from ease_jax import init_from as init
 from ease_jax.config import Config, SourceConfig
+from ease_jax.console import get_logger
 from ease_jax.data.records import ADAPTERS, THINK_CLOSE, THINK_OPEN, load_records
 from ease_jax.errors import UserError
 from ease_jax.recipe import evaluate as E
@@ -47,6 +48,7 @@ from ease_jax.recipe.evaluate import read_eval_file, think_token_count
 from ease_jax.recipe.judges import make_judge
 from ease_jax.train import loop
 
+log = get_logger(__name__)
 W_OVER_REFUSAL = 0.5
 W_LENGTH = 0.1
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -206,8 +208,8 @@ def select(base: Config, candidates: list[Candidate], eval_file: str, out_dir: s
   rows = []
   for cand in candidates:
     cfg = candidate_config(base, cand, out, steps)
-    print(f"== teacher {cand.name}: {steps} steps on {cand.path} -> {cfg.run_dir}", flush=True)
-    print(loop.train(cfg).summary(), flush=True)
+    log.info(f"== teacher {cand.name}: {steps} steps on {cand.path} -> {cfg.run_dir}")
+    log.info(loop.train(cfg).summary())
     report = evaluate_student(Path(cfg.run_dir), eval_file, judge, max_new_tokens, batch_size)
     rows.append(teacher_row(cand.name, report, trace_stats(cand, tokenizer), judge.name,
                             max_new_tokens))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,6 +29,7 @@ from ease_jax import config as config_lib
 from ease_jax import init_from as init
 from ease_jax import sharding
 from ease_jax.config import Config
+from ease_jax.console import get_logger
 from ease_jax.data import report as data_report
 from ease_jax.data.pipeline import Pipeline
 from ease_jax.errors import ConfigError, DataError
@@ -43,6 +43,7 @@ from ease_jax.train.checkpoint import Checkpointer
 from ease_jax.train.logger import Logger, NonFiniteLossError, present_losses  # noqa: F401
 from ease_jax.train.signals import StopSignals
 
+log = get_logger(__name__)
 StepFn = Callable[[step_lib.TrainState, dict], tuple]  # (state, batch) -> (state, metrics)
 EvalFn = Callable[[step_lib.TrainState, dict], dict]  # (state, batch) -> eval sums
 BehaviorFn = Callable[[int, Any], dict[str, float]]  # (step, params) -> generation metrics
@@ -239,17 +240,17 @@ def _announce(run: Run) -> None:
     return
   mesh = dict(run.mesh.shape)
   what = "resuming from step" if run.start_step else "starting at step"
-  print(f"{what} {run.start_step} of {run.total_steps}; model {run.model_cfg.num_params():,} "
-        f"params; {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {mesh}; "
-        f"{jax.process_count()} process(es)", flush=True)
+  log.info(f"{what} {run.start_step} of {run.total_steps}; model "
+           f"{run.model_cfg.num_params():,} params; {jax.device_count()} "
+           f"{jax.devices()[0].platform} device(s), mesh {mesh}; {jax.process_count()} process(es)")
   for line in where_lines(run.run_dir):
-    print(f"  {line}", flush=True)
+    log.info(f"  {line}")
   for line in run.data_report.lines if run.data_report else ():
-    print(f"  {line}", flush=True)
+    log.info(f"  {line}")
   for note in run.notes:  # damaged or unfinished checkpoints that resuming worked around
-    print(f"warning: {note}", file=sys.stderr, flush=True)
+    log.warning(note)
   for warning in run.data_report.warnings if run.data_report else ():
-    print(f"warning: {warning}", file=sys.stderr, flush=True)
+    log.warning(warning)
 
 
 def _boundary(run: Run, logger: Logger, step: int, metrics: dict, last: int,
@@ -364,7 +365,7 @@ def train(cfg: Config, stop_at: int | None = None, fresh: bool = False) -> Train
       if run.start_step < last:
         last = run_steps(run, logger, last, signals)
       elif jax.process_index() == 0:
-        print(f"nothing to do: {run.run_dir} is already at step {run.start_step}", flush=True)
+        log.info(f"nothing to do: {run.run_dir} is already at step {run.start_step}")
     finally:
       run.ckpt.close()
       logger.close()
