@@ -14,17 +14,18 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from xla_env import xla_flags
 
-from ease_jax import batch as batch_lib, sharding
-from ease_jax.config import (Config, LossConfig, MeshConfig, ObjectiveWeights, TrainConfig,
-                             replace)
+from ease_jax import batch as batch_lib
+from ease_jax import sharding
+from ease_jax.config import Config, LossConfig, MeshConfig, ObjectiveWeights, TrainConfig, replace
 from ease_jax.errors import ConfigError
 from ease_jax.models import Decoder, get_preset
+from ease_jax.models.paths import path_str
 from ease_jax.train import loss as loss_lib
 from ease_jax.train import optim
 from ease_jax.train import step as step_lib
 from ease_jax.train import tail as tail_lib
-from xla_env import xla_flags
 
 VOCAB = 512
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def run_steps(fn, tx, batches, state=None):
 
 def leaves(tree) -> dict:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {optim.path_str(p): np.asarray(x) for p, x in flat}
+  return {path_str(p): np.asarray(x) for p, x in flat}
 
 
 def test_schedule_warmup_then_cosine():

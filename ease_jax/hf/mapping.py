@@ -14,6 +14,7 @@ from flax import nnx
 
 from ease_jax.errors import UserError
 from ease_jax.models import Decoder, DecoderConfig
+from ease_jax.models.paths import path_str  # noqa: F401  (part of this module's table API)
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
                  "Qwen3ForCausalLM": "qwen3"}
@@ -116,11 +117,6 @@ def weight_table(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
     rows += [(f"model.layers.{i}.{hf}", f"layers.{i}.{ours}", layout)
              for hf, ours, layout, needs in _LAYER if needs is None or getattr(cfg, needs)]
   return rows
-
-
-def path_str(path: tuple) -> str:
-  """An nnx state path as the dotted string the weight table uses."""
-  return ".".join(str(p) for p in path)
 
 
 def to_jax(name_layout: str, w: Any, cfg: DecoderConfig) -> Any:

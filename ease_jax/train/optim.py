@@ -10,23 +10,11 @@ import optax
 
 from ease_jax.config import TrainConfig
 from ease_jax.errors import ConfigError
+from ease_jax.models.paths import path_str
 
 # Parameters whose path matches this get no weight decay (RMSNorm weights, q/k/v biases),
 # nor does any parameter with fewer than two dimensions.
 _NO_DECAY = re.compile(r"norm|bias")
-
-
-def path_str(key_path: tuple) -> str:
-  """A pytree key path as the dotted parameter path, e.g. 'layers.0.attn.q_proj'."""
-  parts = []
-  for k in key_path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":  # nnx.Variable.value
-      parts.append(k.name)
-  return ".".join(parts)
 
 
 def _compile(pattern: str) -> re.Pattern:
