@@ -22,6 +22,7 @@ import yaml
 from ease_jax.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
+Attention = Literal["xla", "cudnn", "splash"]  # the decoder's attention implementations
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class ModelConfig:
   # cudnn: NVIDIA GPUs (cuDNN flash attention; 1.7x the step rate of xla on an H200,
   # BENCHMARKS.md); splash: TPUs (Pallas splash kernel on segment ids, O(T) memory; its
   # speed is unmeasured); xla: TPUs and CPUs (blockwise on CPU).
-  attention: Literal["xla", "cudnn", "splash"] = "xla"
+  attention: Attention = "xla"
   remat: bool = False  # recompute each block's activations in the backward pass (less memory)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ease_jax.config import Attention, DType
 from ease_jax.models import cpu_kernels
 from ease_jax.models.layers import MLP, Attention, RMSNorm, decoder_mask, dtype_of, linear, param
 from ease_jax.models.rope import rope_cos_sin, rope_inv_freq, rope_lookup
@@ -41,9 +42,9 @@ class DecoderConfig:
   tie_embeddings: bool = True
   qkv_bias: bool = True  # Qwen2 / Qwen2.5
   qk_norm: bool = False  # Qwen3
-  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  attention: Literal["xla", "cudnn", "splash"] = "xla"
+  param_dtype: DType = "float32"
+  compute_dtype: DType = "float32"
+  attention: Attention = "xla"
   remat: bool = False
 
   def __post_init__(self):
