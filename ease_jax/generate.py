@@ -259,8 +259,9 @@ class Generator:
   def _place(self, *arrays: np.ndarray) -> list[jax.Array]:
     if self.mesh is None:
       return [jnp.asarray(a) for a in arrays]
-    return [jax.device_put(a, NamedSharding(self.mesh, P(sharding.RULES["batch"],
-                                                         *(None,) * (a.ndim - 1))))
+    # sharding.put: every process holds the whole batch and places its own devices' rows.
+    return [sharding.put(a, NamedSharding(self.mesh, P(sharding.RULES["batch"],
+                                                       *(None,) * (a.ndim - 1))))
             for a in arrays]
 
   def _run_batch(self, prompts: list[list[int]], rows_idx: list[int],
@@ -280,8 +281,9 @@ class Generator:
     # Padded to a power of two (-1 never matches) so changing stop_ids rarely recompiles.
     stops = np.full((max(8, 1 << max(len(self.stop_ids) - 1, 0).bit_length()),), -1, np.int32)
     stops[:len(self.stop_ids)] = self.stop_ids
-    scalars = (jnp.asarray(stops), jnp.int32(sampling.seed),
-               jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+    # Host values: replicated on every device of the mesh, whichever process runs them.
+    scalars = (stops, np.int32(sampling.seed), np.float32(max(sampling.temperature, 1e-6)),
+               np.float32(sampling.top_p))
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       out = self._jit(self.state, *args, *scalars, max_new_tokens=sampling.max_new_tokens,
                       greedy=sampling.greedy)
@@ -303,8 +305,12 @@ class Generator:
     return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
   def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(),
-               progress: Callable[[int, int], None] | None = None) -> list[Generation]:
-    """Continuations of token prompts, in the order given; `progress(done, total)` per batch."""
+               progress: Callable[[int, int], None] | None = None,
+               first_row: int = 0) -> list[Generation]:
+    """Continuations of token prompts, in the order given; `progress(done, total)` per batch.
+
+    Prompt i samples with the random stream of row `first_row + i` (and the seed): a long
+    list generated in chunks gives the same tokens as in one call."""
     vocab = self.model_cfg.vocab_size
     for i, p in enumerate(prompts):
       if len(p) == 0:
@@ -316,7 +322,8 @@ class Generator:
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), self.batch_size):
       idx = order[start:start + self.batch_size]
-      for i, g in zip(idx, self._run_batch([prompts[i] for i in idx], idx, sampling)):
+      rows = [first_row + i for i in idx]
+      for i, g in zip(idx, self._run_batch([prompts[i] for i in idx], rows, sampling)):
         results[i] = g
       if progress is not None:
         progress(min(start + self.batch_size, len(order)), len(order))
