@@ -276,15 +276,18 @@ def evaluate(generator: Any, items: list[EvalItem], sampling: Any, judge: Any = 
 def evaluate_model(model: str, eval_file: str, out_dir: str | Path, max_new_tokens: int = 256,
                    batch_size: int = 16, judge: Any = None, adapter: str = "prompt_response",
                    progress: Callable[[int, int], None] | None = None,
-                   scorers: Scorers | None = None) -> dict:
-  """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`."""
+                   scorers: Scorers | None = None, mesh: Any = None) -> dict:
+  """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`
+  (process 0 only when several processes evaluate together on `mesh`)."""
   from ease_jax import generate as G
+  from ease_jax.distributed import is_primary
 
   items = read_eval_file(eval_file, adapter)  # a bad file fails before the model loads
   weights, cfg, tokenizer = G.load_generation_model(model)
-  generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size)
+  generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size, mesh=mesh)
   report, rows = evaluate(generator, items, G.SamplingConfig(max_new_tokens=max_new_tokens),
                           judge, progress=progress, scorers=scorers)
   report.update(model=model, eval=eval_file)
-  write_report(report, out_dir, rows, title=Path(model).name)
+  if is_primary():
+    write_report(report, out_dir, rows, title=Path(model).name)
   return report

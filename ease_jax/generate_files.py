@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ease_jax.distributed import is_primary
 from ease_jax.errors import UserError
 
 FORMAT = 1  # version of the progress record
@@ -171,3 +174,53 @@ def settings_of(model: str, model_cfg: Any, dtype: str, sampling: Any, template:
           "template": None if template is None else hashlib.sha256(
               template.encode()).hexdigest()[:16],
           "stop_ids": [int(i) for i in stop_ids]}
+
+
+def response_line(rid: str, prompt: str, category: str, g: Any) -> str:
+  """One output line (tools/generate.py's format) of a Generation `g`."""
+  return json.dumps({"id": rid, "prompt": prompt, "response": g.text, "response_ids": g.ids,
+                     "prompt_tokens": g.num_prompt_tokens, "new_tokens": g.num_new_tokens,
+                     "stopped": g.stopped, "seconds": round(g.seconds, 4),
+                     "category": category}, ensure_ascii=False) + "\n"
+
+
+def _log(message: str) -> None:
+  if is_primary():
+    print(message, file=sys.stderr, flush=True)
+
+
+def share_from_primary(data: bytes) -> bytes:
+  """Process 0's `data` on every process (a no-op on one process)."""
+  import jax
+  if jax.process_count() == 1:
+    return data
+  from jax.experimental import multihost_utils
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  buf = np.zeros((max(n, 1),), np.uint8)
+  if jax.process_index() == 0:
+    buf[:n] = np.frombuffer(data, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n])
+
+
+def generate_into(out: str | Path, gen: Any, rows: Sequence[dict], prompts: Sequence[list[int]],
+                  sampling: Any, settings: dict, *, chunk: int, fresh: bool = False) -> list[dict]:
+  """Generates `prompts` (rows: id, prompt, category) into the JSONL file `out`, resuming an
+  unfinished run of the same key; returns the file's rows, on every process."""
+  job = GenerationJob(out, settings, job_key(settings, [r["id"] for r in rows], prompts),
+                      len(rows), primary=is_primary())
+  first = job.start(fresh=fresh)
+  if first:
+    _log(f"resuming {job.partial} at row {first}/{len(rows)}")
+  start, new_tokens = time.perf_counter(), 0
+  for lo in range(first, len(rows), chunk):
+    outs = gen.generate(list(prompts[lo:lo + chunk]), sampling, first_row=lo)
+    job.append([response_line(r["id"], r["prompt"], r["category"], g)
+                for r, g in zip(rows[lo:lo + chunk], outs)])
+    new_tokens += sum(g.num_new_tokens + g.stopped for g in outs)
+    elapsed = time.perf_counter() - start
+    _log(f"  {job.rows_done}/{len(rows)} prompts  {new_tokens} new tokens  "
+         f"{new_tokens / elapsed:.1f} tok/s  {elapsed:.1f}s")
+  job.finish()
+  data = share_from_primary(job.out.read_bytes() if job.primary else b"")
+  return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+

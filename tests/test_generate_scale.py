@@ -74,16 +74,27 @@ def _baseline(setup, name: str) -> list[dict]:
   return _lines(out)
 
 
-# Each process runs the tool's main() several times; the first call starts jax.distributed
+# Each process runs tools' main() several times; the first call starts jax.distributed
 # through the tool's own flags, the later ones find it running.
 DRIVER = textwrap.dedent("""
   import importlib.util, json, sys
-  spec = importlib.util.spec_from_file_location("tool", sys.argv[1])
-  tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
-  runs = json.loads(sys.argv[2])
-  for i, argv in enumerate(runs):
-    assert tool.main(argv + (sys.argv[3:] if i == 0 else [])) == 0
+  for i, (path, argv) in enumerate(json.loads(sys.argv[1])):
+    spec = importlib.util.spec_from_file_location("tool%d" % i, path)
+    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    assert tool.main(argv + (sys.argv[2:] if i == 0 else [])) == 0
 """)
+
+
+def _two_processes(runs: list[tuple[str, list[str]]], port: int) -> list[str]:
+  """Runs DRIVER over `runs` ((tool file, argv)) in two CPU processes of one device each."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=str(REPO))
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", DRIVER, json.dumps(runs), "--coordinator", f"127.0.0.1:{port}",
+       "--num_processes", "2", "--process_id", str(i), "--heartbeat_timeout", "60"], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  return logs
 
 
 def test_two_processes_and_tensor_parallel_match_one_process(setup, free_port):
@@ -91,15 +102,9 @@ def test_two_processes_and_tensor_parallel_match_one_process(setup, free_port):
   # Rows split over two processes (fsdp=2), then the weights split over them (tensor=2).
   runs = {"greedy": ("greedy", GREEDY), "sampled": ("sampled", SAMPLED),
           "sampled_tp": ("sampled", [*SAMPLED, "--tensor", "2"])}
-  argvs = [_args(setup, root / f"two_{name}.jsonl", extra) for name, (_, extra) in runs.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=str(REPO))
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", DRIVER, str(REPO / "tools/generate.py"), json.dumps(argvs),
-       "--coordinator", f"127.0.0.1:{free_port}", "--num_processes", "2", "--process_id", str(i),
-       "--heartbeat_timeout", "60"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], logs
+  tool = str(REPO / "tools/generate.py")
+  logs = _two_processes([(tool, _args(setup, root / f"two_{name}.jsonl", extra))
+                         for name, (_, extra) in runs.items()], free_port)
   assert "2 process(es), 2 device(s)" in logs[0]
   assert "wrote" not in logs[1]  # process 0 alone reports and writes
   for name, (base, _) in runs.items():
@@ -169,3 +174,35 @@ def test_fresh_discards_an_unfinished_run_of_other_settings(setup, tmp_path):
     _tool().main(_args(setup, out, GREEDY))
   assert _tool().main(_args(setup, out, [*GREEDY, "--fresh"])) == 0
   assert _lines(out) == _baseline(setup, "greedy")
+
+
+def _load(path: str):
+  spec = importlib.util.spec_from_file_location(path.replace("/", "_"), REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_evaluate_and_diagnose_on_two_processes_match_one(setup, tmp_path, free_port):
+  hf, src, _ = setup
+  evals = tmp_path / "eval.jsonl"
+  evals.write_text("".join((REPO / "data/demo/eval.jsonl").read_text().splitlines(True)[:10]))
+
+  def argvs(out):
+    return [("tools/evaluate.py", ["--model", hf, "--eval", str(evals), "--out", f"{out}/eval",
+                                   "--max_new_tokens", "6", "--batch_size", "4"]),
+            ("tools/diagnose.py", ["--model", hf, "--prompts", src, "--judge", "refusal",
+                                   "--out", f"{out}/diag", "--max_new_tokens", "6",
+                                   "--batch_size", "4"])]
+
+  for path, argv in argvs(tmp_path / "one"):
+    assert _load(path).main(argv) == 0
+  _two_processes([(str(REPO / p), a) for p, a in argvs(tmp_path / "two")], free_port)
+  for name in ("eval/generations.jsonl", "diag/vulnerable.jsonl", "diag/safe.jsonl"):
+    one, two = (open(tmp_path / d / name, encoding="utf-8").read() for d in ("one", "two"))
+    assert one == two, name
+  assert (tmp_path / "two/diag/vulnerable.jsonl").stat().st_size  # something was compared
+  assert _lines(tmp_path / "one/diag/generations.jsonl") == _lines(
+      tmp_path / "two/diag/generations.jsonl")
+  reports = [json.loads((tmp_path / d / "eval/report.json").read_text()) for d in ("one", "two")]
+  assert reports[0]["overall"]["refusal_rate"] == reports[1]["overall"]["refusal_rate"]

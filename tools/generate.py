@@ -26,10 +26,8 @@ together with the model sharded over all their devices; process 0 writes. docs/g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,15 +118,6 @@ def read_inputs(path: str, adapter: str) -> list[dict]:
   return out
 
 
-def _line(row: dict, g: G.Generation) -> str:
-  prompt = next(m["content"] for m in reversed(row["messages"]) if m["role"] in ("user", "tool"))
-  return json.dumps({"id": row["id"], "prompt": prompt, "response": g.text,
-                     "response_ids": g.ids, "prompt_tokens": g.num_prompt_tokens,
-                     "new_tokens": g.num_new_tokens, "stopped": g.stopped,
-                     "seconds": round(g.seconds, 4), "category": row["category"]},
-                    ensure_ascii=False) + "\n"
-
-
 def make_generator(args: argparse.Namespace) -> G.Generator:
   """The model on a mesh over every device of every process (tensor-parallel over
   --tensor, FSDP over the rest, batch rows over the fsdp axis); no mesh on one device."""
@@ -156,21 +145,12 @@ def generate_file(args: argparse.Namespace, rows: list[dict], gen: G.Generator,
   prompts = [gen.render(r["messages"], template) for r in rows]
   settings = F.settings_of(args.model, gen.model_cfg, args.dtype, sampling, template,
                            gen.stop_ids)
-  job = F.GenerationJob(args.out, settings, F.job_key(settings, [r["id"] for r in rows], prompts),
-                        len(rows), primary=distributed.is_primary())
-  first = job.start(fresh=args.fresh)
-  if first:
-    _log(f"resuming {job.partial} at row {first}/{len(rows)}")
+  meta = [{"id": r["id"], "category": r["category"],
+           "prompt": next(m["content"] for m in reversed(r["messages"])
+                          if m["role"] in ("user", "tool"))} for r in rows]
   # Chunks of several batches: lines reach the file as they finish, sorting still pays.
-  chunk, start, new_tokens = args.chunk or args.batch_size * 16, time.perf_counter(), 0
-  for lo in range(first, len(rows), chunk):
-    outs = gen.generate(prompts[lo:lo + chunk], sampling, first_row=lo)
-    job.append([_line(r, g) for r, g in zip(rows[lo:lo + chunk], outs)])
-    new_tokens += sum(g.num_new_tokens + g.stopped for g in outs)
-    elapsed = time.perf_counter() - start
-    _log(f"  {job.rows_done}/{len(rows)} prompts  {new_tokens} new tokens  "
-         f"{new_tokens / elapsed:.1f} tok/s  {elapsed:.1f}s")
-  job.finish()
+  F.generate_into(args.out, gen, meta, prompts, sampling, settings,
+                  chunk=args.chunk or args.batch_size * 16, fresh=args.fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
