@@ -13,6 +13,18 @@ last line, one JSON object. Goal: ease-jax / transformers tokens/s >= 2.
 `tiny` (the preset the demo trains, 0.6M parameters) measures per-step overhead, where
 transformers' Python loop dominates; `small` (12.6M) is bound by batch-8 matmuls on
 weights streamed from memory, where XLA:CPU and PyTorch are closer.
+
+On an accelerator, `--roofline PRESET` (no transformers) measures ease-jax alone on a random
+model of a preset's shape in bfloat16, greedy, no stop token:
+
+  python tools/bench/generate.py --roofline qwen2.5-1.5b --batch 64 --prompt-len 512 512 \
+      --new-tokens 256
+
+prefill: one compiled call with max_new_tokens=1 (the prompt's forward and one token); MFU =
+forward FLOPs (`DecoderConfig.flops_per_token / 3` per prompt token) / time / the device's peak
+bf16 FLOP/s (`ease_jax.metrics`). decode: (time at --new-tokens - time at 1) / (new tokens - 1)
+per step; roofline fraction = (bytes of every weight + the KV cache up to each step's context,
+averaged over the steps) / step time / the device's HBM bandwidth (HBM_BYTES_PER_S).
 """
 
 from __future__ import annotations
@@ -39,6 +51,15 @@ SHAPES = {  # Qwen2 shapes: `tiny` is the preset; `small` is a ~20M-parameter mo
 }
 
 
+# HBM bandwidth per device in bytes/s (published specifications), matched by substring of the
+# lower-cased device_kind, most specific first.
+HBM_BYTES_PER_S: tuple[tuple[str, float], ...] = (
+    ("h200", 4.8e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("a100", 2.039e12),
+    ("v6 lite", 1.64e12), ("v6e", 1.64e12), ("v5 lite", 819e9), ("v5e", 819e9),
+    ("v5p", 2.765e12), ("tpu v5", 2.765e12), ("tpu v4", 1.2e12),
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES))
@@ -47,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 60), metavar=("MIN", "MAX"))
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+  p.add_argument("--roofline", default=None, metavar="PRESET",
+                 help="ease-jax alone on a preset's shape in bfloat16: prefill MFU and decode "
+                      "as a fraction of the HBM roofline (accelerators)")
+  p.add_argument("--dtype", default="bfloat16", help="--roofline: parameter and compute dtype")
   # OMP_WAIT_POLICY is reported in the JSON line with the thread count.
   return p.parse_args(argv)
 
@@ -128,8 +153,65 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict:
                                                   for a, b in zip(hf_out, jx_out)]))}
 
 
+def _timed_generate(gen, prompts, sampling, repeats: int) -> float:
+  gen.generate(prompts, sampling)  # compiles
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    gen.generate(prompts, sampling)
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def roofline(args: argparse.Namespace) -> dict:
+  """Prefill MFU and decode roofline fraction of ease-jax on a random `--roofline` preset."""
+  import jax
+  from flax import nnx
+
+  from ease_jax import generate as G, metrics
+  from ease_jax.models import Decoder, get_preset
+  cfg = get_preset(args.roofline).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  T = args.prompt_len[1]
+  prompts = [rng.integers(1, cfg.vocab_size, rng.integers(args.prompt_len[0], T + 1)).tolist()
+             for _ in range(args.batch)]
+  gen = G.Generator(model, cfg, None, stop_ids=[], batch_size=args.batch, buckets=(T,))
+  M = args.new_tokens
+  prefill_s = _timed_generate(gen, prompts, G.SamplingConfig(max_new_tokens=1), args.repeats)
+  total_s = _timed_generate(gen, prompts, G.SamplingConfig(max_new_tokens=M), args.repeats)
+  step_s = (total_s - prefill_s) / (M - 1)
+  kind = jax.devices()[0].device_kind
+  width = 2 if args.dtype == "bfloat16" else np.dtype(args.dtype).itemsize
+  lengths = np.array([len(p) for p in prompts])
+  kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * width
+  kv_bytes = float(np.mean([(lengths + t).sum() for t in range(1, M)])) * kv_per_token
+  step_bytes = cfg.num_params() * width + kv_bytes
+  bandwidth = next((b for k, b in HBM_BYTES_PER_S if k in kind.lower()), None)
+  prompt_tokens = int(lengths.sum())
+  prefill_flops = sum(cfg.flops_per_token(n) / 3 * n for n in lengths)
+  peak = metrics.peak_flops_per_device(kind)
+  result = {"bench": "generate_roofline", "preset": args.roofline, "dtype": args.dtype,
+            "device": kind, "devices": jax.device_count(), "batch": args.batch,
+            "prompt_tokens": prompt_tokens, "new_tokens": M, "prefill_s": round(prefill_s, 5),
+            "prefill_tok_s": round(prompt_tokens / prefill_s, 1),
+            "prefill_mfu": None if peak is None else round(prefill_flops / prefill_s / peak, 4),
+            "decode_step_s": round(step_s, 6), "decode_tok_s": round(args.batch / step_s, 1),
+            "decode_bytes_per_step": step_bytes, "hbm_bytes_per_s": bandwidth,
+            "decode_roofline_fraction": None if bandwidth is None else round(
+                step_bytes / step_s / bandwidth, 4)}
+  print(f"{args.roofline} ({cfg.num_params() / 1e9:.2f}B, {args.dtype}) on {kind}: prefill "
+        f"{result['prefill_tok_s']} tok/s, MFU {result['prefill_mfu']}; decode batch "
+        f"{args.batch} {result['decode_tok_s']} tok/s, {step_s * 1e3:.2f} ms/step, "
+        f"{step_bytes / 1e9:.2f} GB/step, roofline fraction {result['decode_roofline_fraction']}")
+  print(json.dumps(result))
+  return result
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.roofline:
+    return roofline(args)
   import torch
   if args.threads:
     torch.set_num_threads(args.threads)
