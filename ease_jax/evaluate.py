@@ -281,10 +281,11 @@ def evaluate_model(model: str, eval_file: str, out_dir: str | Path, max_new_toke
   (process 0 only when several processes evaluate together on `mesh`)."""
   from ease_jax import generate as G
   from ease_jax.distributed import is_primary
+  from ease_jax.generate_continuous import ContinuousGenerator
 
   items = read_eval_file(eval_file, adapter)  # a bad file fails before the model loads
   weights, cfg, tokenizer = G.load_generation_model(model)
-  generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size, mesh=mesh)
+  generator = ContinuousGenerator(weights, cfg, tokenizer, batch_size=batch_size, mesh=mesh)
   report, rows = evaluate(generator, items, G.SamplingConfig(max_new_tokens=max_new_tokens),
                           judge, progress=progress, scorers=scorers)
   report.update(model=model, eval=eval_file)

@@ -255,9 +255,10 @@ def generate_answers(prompts: list[Prompt], model_spec: str, *,
   killed run continues from its last complete chunk; `fresh` discards one of other settings)."""
   from ease_jax import generate as G
   from ease_jax import generate_files as F
+  from ease_jax.generate_continuous import ContinuousGenerator
   log(f"diagnose: loading {model_spec}")
   model, cfg, tok = G.load_generation_model(model_spec, param_dtype=dtype, compute_dtype=dtype)
-  gen = G.Generator(model, cfg, tok, mesh=auto_mesh(tensor), batch_size=batch_size)
+  gen = ContinuousGenerator(model, cfg, tok, mesh=auto_mesh(tensor), batch_size=batch_size)
   sampling = G.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed)
   convs = [[{"role": r, "content": c} for r, c in p.messages] for p in prompts]

@@ -9,8 +9,9 @@
 Input: JSONL / JSON / Parquet rows of any adapter's format (ease_jax.data.records), or
 plain prompt rows (`prompt` or `messages`, no answer needed). Output: one JSON line per
 input row, in input order: id, prompt, response (with any <think> block visible),
-response_ids, prompt_tokens, new_tokens, stopped, seconds (the wall time of the row's
-batch), category. Temperature 0 is greedy. With the policy-spec template it writes
+response_ids, prompt_tokens, new_tokens, stopped, seconds (the wall time of the queue the
+row ran in: its chunk's prompts of one length bucket), category. --batch_size is the number
+of KV-cache slots: a finished row's slot takes the next prompt (continuous batching). Temperature 0 is greedy. With the policy-spec template it writes
 teacher reasoning traces:
 
   python tools/generate.py --model TEACHER_HF_DIR --input prompts.jsonl --out traces.jsonl \\
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import distributed  # noqa: E402
 from ease_jax import generate as G  # noqa: E402
+from ease_jax.generate_continuous import ContinuousGenerator  # noqa: E402
 from ease_jax.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, SourceConfig,  # noqa: E402
                              arg)
 from ease_jax.data import readers, records  # noqa: E402
@@ -130,7 +132,7 @@ def make_generator(args: argparse.Namespace) -> G.Generator:
   mesh = None
   if jax.device_count() > 1 or args.tensor > 1:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=args.tensor))
-  return G.Generator(model, cfg, tokenizer, mesh=mesh, batch_size=args.batch_size)
+  return ContinuousGenerator(model, cfg, tokenizer, mesh=mesh, batch_size=args.batch_size)
 
 
 def _log(message: str) -> None:
