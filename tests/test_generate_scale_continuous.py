@@ -93,3 +93,21 @@ def test_sharded_on_8_devices_matches_one_device(fake_devices):
   """)
   res = json.loads(out.strip().splitlines()[-1])
   assert res["one"] == res["mesh"]
+
+
+def test_roofline_bench_runs_on_cpu():
+  """tools/bench/generate.py --roofline (the accelerator command) at the tiny preset."""
+  import importlib.util
+
+  from tests.conftest import REPO
+  spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools/bench/generate.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  for decoder in ("fixed", "continuous"):
+    res = bench.main(["--roofline", "tiny", "--batch", "4", "--prompt-len", "8", "16",
+                      "--new-tokens", "6", "--repeats", "1", "--dtype", "float32",
+                      "--decoder", decoder])
+    assert res["decoder"] == decoder and res["prefill_tok_s"] > 0
+    assert res["prefill_mfu"] is None and res["decode_roofline_fraction"] is None  # CPU: no peaks
+    from ease_jax.models import get_preset
+    assert res["decode_bytes_per_step"] > get_preset("tiny").num_params() * 4  # weights + KV

@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="ease-jax alone on a preset's shape in bfloat16: prefill MFU and decode "
                       "as a fraction of the HBM roofline (accelerators)")
   p.add_argument("--dtype", default="bfloat16", help="--roofline: parameter and compute dtype")
+  p.add_argument("--decoder", default="fixed", choices=["fixed", "continuous"],
+                 help="--roofline: the fixed-batch Generator or continuous batching (the "
+                      "tools' decoder; with no stop token every slot stays busy)")
   # OMP_WAIT_POLICY is reported in the JSON line with the thread count.
   return p.parse_args(argv)
 
@@ -269,6 +272,7 @@ def roofline(args: argparse.Namespace) -> dict:
   from flax import nnx
 
   from ease_jax import generate as G, metrics
+  from ease_jax.generate_continuous import ContinuousGenerator
   from ease_jax.models import Decoder, get_preset
   cfg = get_preset(args.roofline).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
@@ -276,7 +280,8 @@ def roofline(args: argparse.Namespace) -> dict:
   T = args.prompt_len[1]
   prompts = [rng.integers(1, cfg.vocab_size, rng.integers(args.prompt_len[0], T + 1)).tolist()
              for _ in range(args.batch)]
-  gen = G.Generator(model, cfg, None, stop_ids=[], batch_size=args.batch, buckets=(T,))
+  cls = ContinuousGenerator if args.decoder == "continuous" else G.Generator
+  gen = cls(model, cfg, None, stop_ids=[], batch_size=args.batch, buckets=(T,))
   M = args.new_tokens
   prefill_s = _timed_generate(gen, prompts, G.SamplingConfig(max_new_tokens=1), args.repeats)
   total_s = _timed_generate(gen, prompts, G.SamplingConfig(max_new_tokens=M), args.repeats)
@@ -292,6 +297,7 @@ def roofline(args: argparse.Namespace) -> dict:
   prefill_flops = sum(cfg.flops_per_token(n) / 3 * n for n in lengths)
   peak = metrics.peak_flops_per_device(kind)
   result = {"bench": "generate_roofline", "preset": args.roofline, "dtype": args.dtype,
+            "decoder": args.decoder,
             "device": kind, "devices": jax.device_count(), "batch": args.batch,
             "prompt_tokens": prompt_tokens, "new_tokens": M, "prefill_s": round(prefill_s, 5),
             "prefill_tok_s": round(prompt_tokens / prefill_s, 1),
@@ -300,7 +306,8 @@ def roofline(args: argparse.Namespace) -> dict:
             "decode_bytes_per_step": step_bytes, "hbm_bytes_per_s": bandwidth,
             "decode_roofline_fraction": None if bandwidth is None else round(
                 step_bytes / step_s / bandwidth, 4)}
-  print(f"{args.roofline} ({cfg.num_params() / 1e9:.2f}B, {args.dtype}) on {kind}: prefill "
+  print(f"{args.roofline} ({cfg.num_params() / 1e9:.2f}B, {args.dtype}, {args.decoder}) on "
+        f"{kind}: prefill "
         f"{result['prefill_tok_s']} tok/s, MFU {result['prefill_mfu']}; decode batch "
         f"{args.batch} {result['decode_tok_s']} tok/s, {step_s * 1e3:.2f} ms/step, "
         f"{step_bytes / 1e9:.2f} GB/step, roofline fraction {result['decode_roofline_fraction']}")
