@@ -111,14 +111,29 @@ def _attend(attn, q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
   return attn.project_out(out_BxTxNxH)
 
 
-def _forward(model, tokens_BxT, positions_BxT, slot, valid_BxS, k_caches, v_caches):
-  """Runs T new tokens written at cache slots [slot, slot+T); returns last logits and caches."""
-  S = valid_BxS.shape[1]
-  q_slot_T = slot + jnp.arange(tokens_BxT.shape[1])
-  kv_slot_S = jnp.arange(S)
-  # Causal by slot over real keys; a pad query also sees itself so its softmax is defined.
-  mask_BxTxS = (valid_BxS[:, None, :] & (kv_slot_S[None, None, :] <= q_slot_T[None, :, None])) | (
+def _causal_mask(valid_BxS, slot, T: int):
+  """Causal by slot over real keys for T queries at slots [slot, slot+T); a pad query also
+  sees itself so its softmax is defined."""
+  q_slot_T = slot + jnp.arange(T)
+  kv_slot_S = jnp.arange(valid_BxS.shape[1])
+  return (valid_BxS[:, None, :] & (kv_slot_S[None, None, :] <= q_slot_T[None, :, None])) | (
       kv_slot_S[None, None, :] == q_slot_T[None, :, None])
+
+
+def _write(cache, new, slot, axis: int):
+  """`new` written into `cache` along `axis` at `slot`: one slot for every row (a scalar), or
+  per row (`slot` [B], one new token per row)."""
+  if jnp.ndim(slot) == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (0,) * axis + (slot,) + (0,) * (3 - axis))
+  rows = jnp.arange(cache.shape[0])
+  idx = (rows, slice(None), slice(None), slice(None))
+  idx = idx[:axis] + (slot,) + idx[axis + 1:]
+  return cache.at[idx].set(jnp.take(new, 0, axis=axis))
+
+
+def _forward(model, tokens_BxT, positions_BxT, slot, mask_BxTxS, k_caches, v_caches, last_B=None):
+  """Runs T new tokens written at cache slots [slot, slot+T) (`slot` [B]: per row, T = 1);
+  returns the logits at query `last_B` (default the last) and the caches."""
   rope = model.rope(positions_BxT)
   cache_axes = ("batch", "kv_heads", None, None)
   x_BxTxD = model.embed_tokens(tokens_BxT)
@@ -126,20 +141,23 @@ def _forward(model, tokens_BxT, positions_BxT, slot, valid_BxS, k_caches, v_cach
   for block, k_BxKxHxS, v_BxKxSxH in zip(model.layers, k_caches, v_caches):
     x_BxTxD = sharding.constrain(x_BxTxD, ("batch", None, "embed_act"))
     q, k, v = block.attn.project_qkv(block.input_layernorm(x_BxTxD), rope)
-    k_BxKxHxS = jax.lax.dynamic_update_slice(
-        k_BxKxHxS, k.transpose(0, 2, 3, 1).astype(k_BxKxHxS.dtype), (0, 0, 0, slot))
-    v_BxKxSxH = jax.lax.dynamic_update_slice(
-        v_BxKxSxH, v.transpose(0, 2, 1, 3).astype(v_BxKxSxH.dtype), (0, 0, slot, 0))
+    k_BxKxHxS = _write(k_BxKxHxS, k.transpose(0, 2, 3, 1).astype(k_BxKxHxS.dtype), slot, 3)
+    v_BxKxSxH = _write(v_BxKxSxH, v.transpose(0, 2, 1, 3).astype(v_BxKxSxH.dtype), slot, 2)
     new_k.append(sharding.constrain(k_BxKxHxS, cache_axes))
     new_v.append(sharding.constrain(v_BxKxSxH, cache_axes))
     x_BxTxD = x_BxTxD + _attend(block.attn, q, new_k[-1], new_v[-1], mask_BxTxS)
     x_BxTxD = x_BxTxD + block.mlp(block.post_attention_layernorm(x_BxTxD))
-  logits_BxV = model.logits(x_BxTxD[:, -1:, :])[:, 0]
+  if last_B is None:
+    x_BxD = x_BxTxD[:, -1]
+  else:
+    x_BxD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+  logits_BxV = model.logits(x_BxD[:, None, :])[:, 0]
   return sharding.constrain(logits_BxV, ("batch", "vocab")), tuple(new_k), tuple(new_v)
 
 
 def _sample(logits_BxV, seed, rows_B, step, temperature, top_p, greedy: bool):
-  """Next token per row; the random stream depends on (seed, prompt index, step) only."""
+  """Next token per row; the random stream depends on (seed, prompt index, step) only
+  (`step`: a scalar, or one per row)."""
   if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / temperature
@@ -150,7 +168,8 @@ def _sample(logits_BxV, seed, rows_B, step, temperature, top_p, greedy: bool):
   cutoff_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1)
   logits_BxV = jnp.where(logits_BxV >= cutoff_B[:, None], logits_BxV, -jnp.inf)
   base = jax.random.PRNGKey(seed)
-  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows_B)
+  steps_B = jnp.broadcast_to(step, rows_B.shape)  # one step for all rows, or one per row
+  keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base, r), t))(rows_B, steps_B)
   return jax.vmap(jax.random.categorical)(keys, logits_BxV).astype(jnp.int32)
 
 
@@ -168,8 +187,8 @@ def _generate_batch(graphdef, state, tokens_BxT, lengths_B, active_B, rows_B, st
   dtype, L, K, H = dtype_of(cfg.compute_dtype), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
   k_cache = (jnp.zeros((B, K, H, S), dtype),) * L  # one buffer per layer, updated in place
   v_cache = (jnp.zeros((B, K, S, H), dtype),) * L
-  logits, k_cache, v_cache = _forward(model, tokens_BxT, positions_BxT, 0, valid_BxS, k_cache,
-                                      v_cache)
+  logits, k_cache, v_cache = _forward(model, tokens_BxT, positions_BxT, 0,
+                                      _causal_mask(valid_BxS, 0, T), k_cache, v_cache)
 
   def emit(t, logits, out_BxM, done_B, count_B):
     tok_B = _sample(logits, seed, rows_B, t, temperature, top_p, greedy)
@@ -189,8 +208,8 @@ def _generate_batch(graphdef, state, tokens_BxT, lengths_B, active_B, rows_B, st
   def body(carry):
     t, tok, k_cache, v_cache, out, done, count = carry
     positions = (lengths_B + t - 1)[:, None]
-    logits, k_cache, v_cache = _forward(model, tok[:, None], positions, T + t - 1, valid_BxS,
-                                        k_cache, v_cache)
+    logits, k_cache, v_cache = _forward(model, tok[:, None], positions, T + t - 1,
+                                        _causal_mask(valid_BxS, T + t - 1, 1), k_cache, v_cache)
     tok, out, done_new, count = emit(t, logits, out, done, count)
     return t + 1, tok, k_cache, v_cache, out, done_new, count
 
@@ -262,8 +281,9 @@ class Generator:
   def _place(self, *arrays: np.ndarray) -> list[jax.Array]:
     if self.mesh is None:
       return [jnp.asarray(a) for a in arrays]
-    return [jax.device_put(a, NamedSharding(self.mesh, P(sharding.RULES["batch"],
-                                                         *(None,) * (a.ndim - 1))))
+    # sharding.put: every process holds the whole batch and places its own devices' rows.
+    return [sharding.put(a, NamedSharding(self.mesh, P(sharding.RULES["batch"],
+                                                       *(None,) * (a.ndim - 1))))
             for a in arrays]
 
   def _run_batch(self, prompts: list[list[int]], rows_idx: list[int],
@@ -283,8 +303,9 @@ class Generator:
     # Padded to a power of two (-1 never matches) so changing stop_ids rarely recompiles.
     stops = np.full((max(8, 1 << max(len(self.stop_ids) - 1, 0).bit_length()),), -1, np.int32)
     stops[:len(self.stop_ids)] = self.stop_ids
-    scalars = (jnp.asarray(stops), jnp.int32(sampling.seed),
-               jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+    # Host values: replicated on every device of the mesh, whichever process runs them.
+    scalars = (stops, np.int32(sampling.seed), np.float32(max(sampling.temperature, 1e-6)),
+               np.float32(sampling.top_p))
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       out = self._jit(self.state, *args, *scalars, max_new_tokens=sampling.max_new_tokens,
                       greedy=sampling.greedy)
@@ -306,24 +327,32 @@ class Generator:
     return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
   def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(),
-               progress: Callable[[int, int], None] | None = None) -> list[Generation]:
-    """Continuations of token prompts, in the order given; `progress(done, total)` per batch."""
+               progress: Callable[[int, int], None] | None = None,
+               first_row: int = 0) -> list[Generation]:
+    """Continuations of token prompts, in the order given; `progress(done, total)` per batch.
+
+    Prompt i samples with the random stream of row `first_row + i` (and the seed): a long
+    list generated in chunks gives the same tokens as in one call."""
+    self._check(prompts)
+    # Longest first, so each batch holds similar lengths and pads little.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    for start in range(0, len(order), self.batch_size):
+      idx = order[start:start + self.batch_size]
+      rows = [first_row + i for i in idx]
+      for i, g in zip(idx, self._run_batch([prompts[i] for i in idx], rows, sampling)):
+        results[i] = g
+      if progress is not None:
+        progress(min(start + self.batch_size, len(order)), len(order))
+    return results
+
+  def _check(self, prompts: list[list[int]]) -> None:
     vocab = self.model_cfg.vocab_size
     for i, p in enumerate(prompts):
       if len(p) == 0:
         raise UserError(f"prompt {i} is empty")
       if min(p) < 0 or max(p) >= vocab:
         raise UserError(f"prompt {i} has token ids outside the model's vocabulary [0, {vocab})")
-    # Longest first, so each batch holds similar lengths and pads little.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      for i, g in zip(idx, self._run_batch([prompts[i] for i in idx], idx, sampling)):
-        results[i] = g
-      if progress is not None:
-        progress(min(start + self.batch_size, len(order)), len(order))
-    return results
 
   def render(self, conversation: list[dict] | str, template: str | None = None) -> list[int]:
     """Token ids of a conversation (or one user turn) with the assistant generation prompt."""

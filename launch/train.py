@@ -28,7 +28,6 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import signal
 import sys
@@ -38,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(ROOT))
 
+from ease_jax import distributed  # noqa: E402
+from ease_jax.distributed import LOST_PEER, init_distributed, lost_peer, on_tpu_vm  # noqa: E402,F401
+
 CONFIG_DIR = ROOT / "configs"
-LOST_PEER = 3  # exit code: a multi-process run lost one of its processes
-TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID",
-                "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,60 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="the demo's evaluation generation length")
   p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                  help="config overrides, e.g. train.steps=10 mesh.fsdp=4")
-  p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                 help="HOST:PORT of process 0 (multi-process runs outside TPU VMs)")
-  p.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
-  p.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"))
-  p.add_argument("--heartbeat_timeout", type=int, default=100,
-                 help="seconds without a heartbeat after which the coordinator declares a "
-                      "process dead and the others stop (with --coordinator)")
+  distributed.add_args(p)
   return p.parse_args(argv)
-
-
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
-  return int(value) if value not in (None, "") else None
-
-
-def on_tpu_vm() -> bool:
-  """A Cloud TPU VM (or GKE TPU pod): TPU env vars or TPU chips in /dev."""
-  return (any(os.environ.get(v) for v in TPU_ENV_VARS)
-          or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-  """jax.distributed.initialize for explicit multi-process runs and TPU VMs; else nothing."""
-  import jax
-  from ease_jax.errors import UserError
-
-  explicit = (args.coordinator, args.num_processes, args.process_id)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise UserError("multi-process runs need all of --coordinator, --num_processes and "
-                      "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-                      "JAX_PROCESS_ID)")
-    # CPU processes need a cross-process collectives backend; it does not affect GPU/TPU.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               heartbeat_timeout_seconds=args.heartbeat_timeout,
-                               shutdown_timeout_seconds=args.heartbeat_timeout)
-  elif on_tpu_vm():
-    jax.distributed.initialize()  # the TPU environment names the coordinator and workers
-
-
-def lost_peer(err: Exception) -> None:
-  """A collective failed on a multi-process run: another process died or was killed.
-
-  Prints one line and exits with LOST_PEER at once: jax.distributed's exit handler would
-  wait `--shutdown_timeout` for the dead process. The checkpoints written so far are
-  complete (a step is renamed into place only when fully written)."""
-  import jax
-  print(f"error: process {jax.process_index()}: a collective with the other processes failed "
-        f"({' '.join(str(err).split())[:300]}); another process of this run probably died or "
-        f"was killed. Start all processes again to resume from the last checkpoint",
-        file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(LOST_PEER)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
   quiet_orbax_noise()
   try:
     if args.config is None:
-      if any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+      if distributed.explicit(args):
         raise UserError("the demo runs in one process; multi-process runs need --config FILE")
       if args.fresh:
         raise UserError("--fresh applies to one training run (--config FILE); to start the demo "

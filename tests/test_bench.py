@@ -233,9 +233,13 @@ def test_data_smoke():
 
 def test_generate_smoke():
   res = _run("generate.py", "--shapes", "tiny", "--batch", "2", "--new-tokens", "4",
-             "--repeats", "1")
+             "--repeats", "1", "--mix-shapes", "small", "--mix-rows", "5", "--mix-long", "12",
+             "--mix-short", "6")
   (r,) = res["results"]
   assert r["greedy_rows_identical"] == 1.0 and r["ratio"] > 0
+  (m,) = res["mix"]
+  assert m["same_tokens_transformers"] == m["same_tokens_fixed"] == 1.0
+  assert m["new_tokens_max"] == 12 and m["ratio_continuous"] > 0
 
 
 def test_memory_smoke():

@@ -13,13 +13,18 @@
   # judge answers generated earlier by tools/generate.py (no student model loaded)
   python tools/diagnose.py --responses gens.jsonl --judge refusal --out runs/diagnose
 
-Writes OUT/vulnerable.jsonl (prompts whose answers the judge calls unsafe: prompt, answer,
+Writes OUT/generations.jsonl (the student's answers, tools/generate.py's format; a killed
+generation resumes from its last complete chunk when the command is run again, --fresh
+discards an unfinished one of other settings), OUT/vulnerable.jsonl (prompts whose answers the judge calls unsafe: prompt, answer,
 verdict, categories, hazard codes, id), OUT/safe.jsonl, OUT/invalid.jsonl (only when the
 judge's output could not be parsed) and OUT/summary.json, and prints the counts.
 Judges: llama_guard:HF_DIR | refusal (weak; harmful prompt sets only) | python:module:function.
 Prompt files: rows with `prompt` (or `messages`) and optional `id`, `category`, or any
 adapter's format (--adapter auto detects it as tools/generate.py does). A prompt seen twice is
 judged twice and listed in summary.json. See ease_jax/recipe/diagnose.py for the file schemas.
+Several processes (TPU VM workers, or --coordinator/--num_processes/--process_id as in
+launch/train.py) generate and judge together, the models sharded over all their devices
+(--tensor: tensor-parallel size); process 0 writes. docs/generation.md.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ease_jax.recipe import judges, diagnose as stages  # noqa: E402
+from ease_jax import distributed  # noqa: E402
+from ease_jax.recipe import diagnose as stages, judges  # noqa: E402
 from ease_jax.errors import UserError  # noqa: E402
 
 
@@ -61,12 +67,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="parameter and compute dtype of the student and a llama_guard judge")
   ap.add_argument("--max_rows", type=int, default=0, help="use only the first N (0 = all)")
+  ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (mesh.tensor)")
+  ap.add_argument("--fresh", action="store_true",
+                  help="discard an unfinished OUT/generations.jsonl.partial of other settings")
+  distributed.add_args(ap)
   return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
+    distributed.init_distributed(args)
     template = None
     if args.template:
       if not os.path.isfile(args.template):
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     if args.judge.startswith("llama_guard:"):
       opts = {"batch_size": args.judge_batch_size, "dtype": args.dtype,
-              "mesh": stages.auto_mesh()}
+              "mesh": stages.auto_mesh(args.tensor)}
     os.makedirs(args.out, exist_ok=True)
     summary = stages.diagnose(
         args.out, lambda: judges.make_judge(args.judge, **opts), prompts_path=args.prompts,
@@ -84,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         per_category=args.per_category, pool_seed=args.pool_seed,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=template,
         seed=args.seed, temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
-        dtype=args.dtype)
+        dtype=args.dtype, tensor=args.tensor, fresh=args.fresh)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if not distributed.is_primary():
+    return 0
   print(stages.format_counts(summary))
   print(f"wrote {', '.join(summary['files'].values())} and {args.out}/summary.json")
   return 0

@@ -4,30 +4,38 @@
   python tools/generate.py --model RUN_DIR[@STEP]|HF_DIR --input FILE --out FILE
       [--template FILE] [--max_new_tokens 256] [--temperature 0] [--top_p 1.0] [--seed 0]
       [--batch_size 8] [--adapter auto] [--dtype float32|bfloat16] [--tensor 1]
+      [--chunk ROWS] [--fresh] [--coordinator HOST:PORT --num_processes N --process_id I]
 
 Input: JSONL / JSON / Parquet rows of any adapter's format (ease_jax.data.records), or
 plain prompt rows (`prompt` or `messages`, no answer needed). Output: one JSON line per
 input row, in input order: id, prompt, response (with any <think> block visible),
-response_ids, prompt_tokens, new_tokens, stopped, seconds (the wall time of the row's
-batch), category. Temperature 0 is greedy. With the policy-spec template it writes
+response_ids, prompt_tokens, new_tokens, stopped, seconds (the wall time of the queue the
+row ran in: its chunk's prompts of one length bucket), category. --batch_size is the number
+of KV-cache slots: a finished row's slot takes the next prompt (continuous batching). Temperature 0 is greedy. With the policy-spec template it writes
 teacher reasoning traces:
 
   python tools/generate.py --model TEACHER_HF_DIR --input prompts.jsonl --out traces.jsonl \\
       --template configs/templates/policy_spec.txt --dtype bfloat16
+
+Resumable: lines go to OUT.partial a chunk at a time with a progress record OUT.progress.json;
+the same command after a crash or kill continues from the last complete chunk (other
+settings are refused; --fresh starts over). Several processes (TPU VM workers, detected
+automatically, or --coordinator/--num_processes/--process_id as in launch/train.py) generate
+together with the model sharded over all their devices; process 0 writes. docs/generation.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ease_jax import distributed  # noqa: E402
 from ease_jax import generate as G  # noqa: E402
+from ease_jax.generate_continuous import ContinuousGenerator  # noqa: E402
 from ease_jax.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, SourceConfig,  # noqa: E402
                              arg)
 from ease_jax.data import readers, records  # noqa: E402
@@ -54,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="parameter and compute dtype")
   p.add_argument("--tensor", type=arg(int, POSITIVE), default=1, help="tensor-parallel size (mesh.tensor)")
+  p.add_argument("--chunk", type=arg(int, POSITIVE), default=None,
+                 help="rows per saved chunk (default 16 batches): a killed run resumes from "
+                      "its last complete chunk")
+  p.add_argument("--fresh", action="store_true",
+                 help="discard an unfinished OUT.partial of other settings and start over")
+  distributed.add_args(p)
   return p.parse_args(argv)
 
 
@@ -106,16 +120,9 @@ def read_inputs(path: str, adapter: str) -> list[dict]:
   return out
 
 
-def _line(row: dict, g: G.Generation) -> str:
-  prompt = next(m["content"] for m in reversed(row["messages"]) if m["role"] in ("user", "tool"))
-  return json.dumps({"id": row["id"], "prompt": prompt, "response": g.text,
-                     "response_ids": g.ids, "prompt_tokens": g.num_prompt_tokens,
-                     "new_tokens": g.num_new_tokens, "stopped": g.stopped,
-                     "seconds": round(g.seconds, 4), "category": row["category"]},
-                    ensure_ascii=False) + "\n"
-
-
 def make_generator(args: argparse.Namespace) -> G.Generator:
+  """The model on a mesh over every device of every process (tensor-parallel over
+  --tensor, FSDP over the rest, batch rows over the fsdp axis); no mesh on one device."""
   import jax
 
   from ease_jax import sharding
@@ -125,7 +132,27 @@ def make_generator(args: argparse.Namespace) -> G.Generator:
   mesh = None
   if jax.device_count() > 1 or args.tensor > 1:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=args.tensor))
-  return G.Generator(model, cfg, tokenizer, mesh=mesh, batch_size=args.batch_size)
+  return ContinuousGenerator(model, cfg, tokenizer, mesh=mesh, batch_size=args.batch_size)
+
+
+def _log(message: str) -> None:
+  if distributed.is_primary():
+    print(message, file=sys.stderr, flush=True)
+
+
+def generate_file(args: argparse.Namespace, rows: list[dict], gen: G.Generator,
+                  sampling: G.SamplingConfig, template: str | None) -> None:
+  """Generates every row into args.out in chunks, resuming an unfinished run of the same key."""
+  from ease_jax import generate_files as F
+  prompts = [gen.render(r["messages"], template) for r in rows]
+  settings = F.settings_of(args.model, gen.model_cfg, args.dtype, sampling, template,
+                           gen.stop_ids)
+  meta = [{"id": r["id"], "category": r["category"],
+           "prompt": next(m["content"] for m in reversed(r["messages"])
+                          if m["role"] in ("user", "tool"))} for r in rows]
+  # Chunks of several batches: lines reach the file as they finish, sorting still pays.
+  F.generate_into(args.out, gen, meta, prompts, sampling, settings,
+                  chunk=args.chunk or args.batch_size * 16, fresh=args.fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,26 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     template = Path(args.template).read_text(encoding="utf-8")
     G.apply_template(template, "")  # checks for {prompt} before any work
   rows = read_inputs(args.input, args.adapter)
+  distributed.init_distributed(args)
+  import jax
   gen = make_generator(args)
-  print(f"{len(rows)} prompts from {args.input}; model {args.model} ({gen.model_cfg.family}, "
-        f"{gen.model_cfg.num_params() / 1e6:.1f}M params)", file=sys.stderr)
-  # Chunks of several batches: lines reach the file as they finish, sorting still pays.
-  chunk, start, new_tokens = args.batch_size * 16, time.perf_counter(), 0
-  tmp = f"{args.out}.partial"
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  with open(tmp, "w", encoding="utf-8") as f:
-    for lo in range(0, len(rows), chunk):
-      part = rows[lo:lo + chunk]
-      outs = gen.generate_chat([r["messages"] for r in part], sampling, template=template)
-      f.writelines(_line(r, g) for r, g in zip(part, outs))
-      f.flush()
-      new_tokens += sum(g.num_new_tokens + g.stopped for g in outs)
-      elapsed = time.perf_counter() - start
-      print(f"  {lo + len(part)}/{len(rows)} prompts  {new_tokens} new tokens  "
-            f"{new_tokens / elapsed:.1f} tok/s  {elapsed:.1f}s", file=sys.stderr)
-  os.replace(tmp, args.out)
-  print(f"wrote {len(rows)} lines to {args.out} ({gen.num_compilations} compilations)",
-        file=sys.stderr)
+  _log(f"{len(rows)} prompts from {args.input}; model {args.model} ({gen.model_cfg.family}, "
+       f"{gen.model_cfg.num_params() / 1e6:.1f}M params); {jax.process_count()} process(es), "
+       f"{jax.device_count()} device(s)")
+  try:
+    generate_file(args, rows, gen, sampling, template)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    distributed.lost_peer(e, "resume the generation from its last complete chunk")
+  _log(f"wrote {len(rows)} lines to {args.out} ({gen.num_compilations} compilations)")
   return 0
 
 

@@ -26,12 +26,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ease_jax import generate as G
+from ease_jax import generate_files as F
 from ease_jax import sharding
 from ease_jax.config import MeshConfig, SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
+from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError, UserError
+from ease_jax.generate_continuous import ContinuousGenerator
 from ease_jax.recipe.judges import Judge, Verdict
 
 VERDICTS = ("unsafe", "safe", "invalid")
@@ -205,12 +208,13 @@ def prompt_fields(p: Prompt) -> dict:
 
 # ---------------------------------------------------------------- diagnose
 
-def auto_mesh():
-  """Every device on the fsdp axis when there is more than one (as tools/generate.py does)."""
+def auto_mesh(tensor: int = 1):
+  """Every device of every process on the mesh when there is more than one: tensor-parallel
+  over `tensor`, the rest on the fsdp axis (as tools/generate.py does)."""
   import jax
-  if jax.device_count() == 1:
+  if jax.device_count() == 1 and tensor == 1:
     return None
-  return sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+  return sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=tensor))
 
 
 # The reference recipe's diagnosis sampling: the original student answers each prompt once.
@@ -245,18 +249,29 @@ def generate_answers(prompts: list[Prompt], model_spec: str, *,
                      seed: int = REFERENCE_SAMPLING["seed"],
                      temperature: float = REFERENCE_SAMPLING["temperature"],
                      top_p: float = REFERENCE_SAMPLING["top_p"],
-                     dtype: str = "float32") -> list[str]:
+                     dtype: str = "float32", tensor: int = 1, out_path: str | None = None,
+                     fresh: bool = False) -> list[str]:
   """The model's answers, rendered with its own chat template; sampled as the reference does
-  by default (temperature 0.7, top_p 1.0, 512 new tokens, seeded); temperature 0 = greedy."""
+  by default (temperature 0.7, top_p 1.0, 512 new tokens, seeded); temperature 0 = greedy.
+  With `out_path` they are also written there in tools/generate.py's format, resumably (a
+  killed run continues from its last complete chunk; `fresh` discards one of other settings)."""
   log(f"diagnose: loading {model_spec}")
   model, cfg, tok = G.load_generation_model(model_spec, param_dtype=dtype, compute_dtype=dtype)
-  gen = G.Generator(model, cfg, tok, mesh=auto_mesh(), batch_size=batch_size)
+  gen = ContinuousGenerator(model, cfg, tok, mesh=auto_mesh(tensor), batch_size=batch_size)
   sampling = G.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed)
   convs = [[{"role": r, "content": c} for r, c in p.messages] for p in prompts]
-  out = gen.generate_chat(convs, sampling, template=template,
-                          progress=lambda d, t: log(f"diagnose: generated {d}/{t}"))
-  return [g.text for g in out]
+  if out_path is None:
+    out = gen.generate_chat(convs, sampling, template=template,
+                            progress=lambda d, t: log(f"diagnose: generated {d}/{t}"))
+    return [g.text for g in out]
+  ids = [gen.render(c, template) for c in convs]
+  settings = F.settings_of(model_spec, cfg, dtype, sampling, template, gen.stop_ids)
+  rows = [{"id": p.id or str(i), "prompt": p.prompt, "category": p.category}
+          for i, p in enumerate(prompts)]
+  lines = F.generate_into(out_path, gen, rows, ids, sampling, settings, chunk=batch_size * 16,
+                          fresh=fresh)
+  return [line["response"] for line in lines]
 
 
 def judge_all(judge: Judge, prompts: list[Prompt], answers: list[str],
@@ -283,18 +298,20 @@ def judged_row(p: Prompt, answer: str, v: Verdict, judge_name: str) -> dict:
 
 
 def write_diagnosis(out_dir: str, prompts: list[Prompt], answers: list[str],
-                    verdicts: list[Verdict], judge_name: str, meta: dict) -> dict:
+                    verdicts: list[Verdict], judge_name: str, meta: dict,
+                    write: bool = True) -> dict:
   """vulnerable.jsonl, safe.jsonl (and invalid.jsonl when the judge's output did not parse),
-  summary.json; returns the summary."""
+  summary.json; returns the summary. `write=False` (processes other than 0): no files."""
   rows = [judged_row(p, a, v, judge_name) for p, a, v in zip(prompts, answers, verdicts)]
   counts = Counter(r["verdict"] for r in rows)
   files = {}
   for name, verdict in (("vulnerable", "unsafe"), ("safe", "safe"), ("invalid", "invalid")):
     path = os.path.join(out_dir, f"{name}.jsonl")
     if verdict != "invalid" or counts["invalid"]:
-      write_jsonl(path, (r for r in rows if r["verdict"] == verdict))
+      if write:
+        write_jsonl(path, (r for r in rows if r["verdict"] == verdict))
       files[name] = path
-    elif os.path.exists(path):
+    elif write and os.path.exists(path):
       os.remove(path)  # a stale file from an earlier run would read as this run's
   first: dict[str, str] = {}
   duplicates = []  # judged like any other prompt; build_mix keeps the first
@@ -312,8 +329,9 @@ def write_diagnosis(out_dir: str, prompts: list[Prompt], answers: list[str],
              "by_category": {c: dict(n) for c, n in sorted(by_cat.items())},
              "hazard_codes": dict(Counter(c for r in rows for c in r["hazard_codes"])),
              "duplicate_prompts": duplicates, "files": files}
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if write:
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
   return summary
 
 
@@ -351,11 +369,13 @@ def diagnose(out_dir: str, judge_factory: Callable[[], Judge], *, prompts_path: 
     prompts = sample_pool(read_prompts(prompts_path, adapter, max_rows=max_rows), categories,
                           per_category, pool_seed)
     log(f"diagnose: {len(prompts)} prompts from {prompts_path}")
-    answers = generate_answers(prompts, model, **gen_options)
+    answers = generate_answers(prompts, model, out_path=os.path.join(out_dir, "generations.jsonl"),
+                               **gen_options)
   judge = judge_factory()  # after generation: the student's weights can be freed first
   verdicts = judge_all(judge, prompts, answers)
   sampling = {k: gen_options.get(k, v) for k, v in REFERENCE_SAMPLING.items()} if model else None
   meta = {"model": model, "prompts_file": prompts_path, "responses_file": responses_path,
           "sampling": sampling, "pool": {"categories": list(categories),
                                          "per_category": per_category, "seed": pool_seed}}
-  return write_diagnosis(out_dir, prompts, answers, verdicts, judge.name, meta)
+  return write_diagnosis(out_dir, prompts, answers, verdicts, judge.name, meta,
+                         write=is_primary())

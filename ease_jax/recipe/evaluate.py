@@ -22,7 +22,9 @@ from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
+from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError
+from ease_jax.generate_continuous import ContinuousGenerator
 from ease_jax.recipe import scoring as S
 from ease_jax.recipe.refusals import make_refusal_detector
 
@@ -277,13 +279,15 @@ def evaluate(generator: Any, items: list[EvalItem], sampling: Any, judge: Any = 
 def evaluate_model(model: str, eval_file: str, out_dir: str | Path, max_new_tokens: int = 256,
                    batch_size: int = 16, judge: Any = None, adapter: str = "prompt_response",
                    progress: Callable[[int, int], None] | None = None,
-                   scorers: Scorers | None = None) -> dict:
-  """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`."""
+                   scorers: Scorers | None = None, mesh: Any = None) -> dict:
+  """Greedy evaluation of RUN_DIR[@STEP] or an HF directory; writes the report to `out_dir`
+  (process 0 only when several processes evaluate together on `mesh`)."""
   items = read_eval_file(eval_file, adapter)  # a bad file fails before the model loads
   weights, cfg, tokenizer = G.load_generation_model(model)
-  generator = G.Generator(weights, cfg, tokenizer, batch_size=batch_size)
+  generator = ContinuousGenerator(weights, cfg, tokenizer, batch_size=batch_size, mesh=mesh)
   report, rows = evaluate(generator, items, G.SamplingConfig(max_new_tokens=max_new_tokens),
                           judge, progress=progress, scorers=scorers)
   report.update(model=model, eval=eval_file)
-  write_report(report, out_dir, rows, title=Path(model).name)
+  if is_primary():
+    write_report(report, out_dir, rows, title=Path(model).name)
   return report
