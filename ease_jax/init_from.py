@@ -19,13 +19,17 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
-from ease_jax.train import checkpoint
 from ease_jax import hf, sharding
 from ease_jax.config import Config
 from ease_jax.errors import ConfigError, UserError
 from ease_jax.models import Decoder, DecoderConfig, get_preset
-from ease_jax.tokenizer import (apply_run_template, demo_tokenizer_path, ensure_think_tokens,
-                                load_tokenizer)
+from ease_jax.tokenizer import (
+  apply_run_template,
+  demo_tokenizer_path,
+  ensure_think_tokens,
+  load_tokenizer,
+)
+from ease_jax.train import checkpoint
 
 KINDS = ("hf", "gguf", "ckpt", "scratch")
 TOKENIZER_DIR = "tokenizer"  # under RUN_DIR: the tokenizer the run trained with

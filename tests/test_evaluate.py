@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ease_jax.recipe import evaluate as E
-from ease_jax.generate import Generation, SamplingConfig
+from ease_jax.generation.generate import Generation, SamplingConfig
 from ease_jax.tokenizer import load_tokenizer
 from tests.conftest import REPO
 
@@ -131,7 +131,7 @@ def test_short_demo_runs_end_to_end(tmp_path):
 def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):
   """behavior.file inside training logs the same per-class numbers that evaluating the
   saved checkpoint gives, to metrics.jsonl and RUN_DIR/behavior/<step>/report.json."""
-  from ease_jax import generate as G
+  from ease_jax.generation import generate as G
   run_dir = tmp_path / "run"
   proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo_phase1.yaml",
                          f"run_dir={run_dir}", "train.steps=4", "train.seq_len=256", "data.eval=[]",

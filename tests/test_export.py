@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from ease_jax.hf import save as export
 from ease_jax.errors import UserError
-from ease_jax.generate import load_generation_model
+from ease_jax.generation.generate import load_generation_model
 from ease_jax.hf import load_pretrained, save_pretrained
 from tests.conftest import REPO
 from tests.hf_models import make_hf_model, torch_logits

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from ease_jax.hf import save as export
-from ease_jax import generate as G
+from ease_jax.generation import generate as G
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
 from ease_jax.tokenizer import load_tokenizer
@@ -203,7 +203,8 @@ def test_sharded_on_8_devices_matches_one_device(fake_devices):
   out = fake_devices("""
     import json, numpy as np, jax
     from flax import nnx
-    from ease_jax import generate as G, sharding
+    from ease_jax.generation import generate as G
+    from ease_jax import sharding
     from ease_jax.config import MeshConfig
     from ease_jax.models import Decoder, get_preset
     cfg = get_preset("tiny").replace(vocab_size=256, num_layers=1)

@@ -1,5 +1,5 @@
 """tools/generate.py at scale: several processes, a tensor-parallel model, and resuming a
-killed generation (ease_jax/generate_files.py)."""
+killed generation (ease_jax/generation/files.py)."""
 
 from __future__ import annotations
 

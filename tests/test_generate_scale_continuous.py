@@ -1,4 +1,4 @@
-"""Continuous batching (ease_jax/generate_continuous.py): the same tokens as the fixed-batch
+"""Continuous batching (ease_jax/generation/continuous.py): the same tokens as the fixed-batch
 Generator, whatever the slots, prefill size, neighbours or mesh."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ease_jax import generate as G
-from ease_jax.generate_continuous import ContinuousGenerator
+from ease_jax.generation import generate as G
+from ease_jax.generation.continuous import ContinuousGenerator
 
 SAMPLINGS = [G.SamplingConfig(max_new_tokens=20),
              G.SamplingConfig(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=3)]
@@ -78,9 +78,10 @@ def test_a_row_alone_equals_the_row_among_others():
 def test_sharded_on_8_devices_matches_one_device(fake_devices):
   out = fake_devices(f"""
     import json
-    from ease_jax import generate as G, sharding
+    from ease_jax.generation import generate as G
+    from ease_jax import sharding
     from ease_jax.config import MeshConfig
-    from ease_jax.generate_continuous import ContinuousGenerator
+    from ease_jax.generation.continuous import ContinuousGenerator
     from tests.test_generate_scale_continuous import _model, _prompts, SAMPLINGS
     model, cfg = _model()
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))

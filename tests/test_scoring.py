@@ -7,7 +7,7 @@ import pytest
 
 from ease_jax.recipe import evaluate as E
 from ease_jax.recipe import scoring as S
-from ease_jax.generate import SamplingConfig
+from ease_jax.generation.generate import SamplingConfig
 from ease_jax.recipe.judges import Verdict, make_judge
 from ease_jax.recipe.refusals import make_refusal_detector, pattern_refusal, xstest_refusal
 from tests.test_evaluate import TOK, StubGenerator

@@ -34,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ease_jax import distributed  # noqa: E402
-from ease_jax import generate as G  # noqa: E402
-from ease_jax.generate_continuous import ContinuousGenerator  # noqa: E402
+from ease_jax.generation import generate as G  # noqa: E402
+from ease_jax.generation.continuous import ContinuousGenerator  # noqa: E402
 from ease_jax.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, SourceConfig,  # noqa: E402
                              arg)
 from ease_jax.data import readers, records  # noqa: E402
@@ -143,7 +143,7 @@ def _log(message: str) -> None:
 def generate_file(args: argparse.Namespace, rows: list[dict], gen: G.Generator,
                   sampling: G.SamplingConfig, template: str | None) -> None:
   """Generates every row into args.out in chunks, resuming an unfinished run of the same key."""
-  from ease_jax import generate_files as F
+  from ease_jax.generation import files as F
   prompts = [gen.render(r["messages"], template) for r in rows]
   settings = F.settings_of(args.model, gen.model_cfg, args.dtype, sampling, template,
                            gen.stop_ids)

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from ease_jax import generate as G
+  from ease_jax.generation import generate as G
 
   policies = traces.load_policies(args.policies, args.generic_policy)
   sampling = G.SamplingConfig(max_new_tokens=args.max_new_tokens, top_p=args.top_p,

@@ -36,7 +36,7 @@ from grain.experimental import FirstFitPackIterDataset
 from ease_jax.batch import FIELDS, OBJECTIVES
 from ease_jax.config import DataConfig
 from ease_jax.data.records import BadRecords, Record, load_records, source_name
-from ease_jax.data.render import ANSWER, Renderer, Rendered, SpecialTextError
+from ease_jax.data.render import ANSWER, Rendered, Renderer, SpecialTextError
 from ease_jax.errors import ConfigError, DataError
 
 PACKING_BINS = 128  # rows packed at once; more bins pack tighter (see tools/bench/data.py)

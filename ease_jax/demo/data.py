@@ -26,7 +26,8 @@ import random
 import re
 from collections.abc import Callable, Iterable
 
-from ease_jax.demo import teachers as demo_teachers, text as T
+from ease_jax.demo import teachers as demo_teachers
+from ease_jax.demo import text as T
 from ease_jax.demo.text import HELD, TRAIN, adversarial_item, benign_item, harmful_item
 
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ease_jax import generate as G
 from ease_jax.config import Config, SourceConfig, load_config
 from ease_jax.demo import teachers as demo_teachers
 from ease_jax.demo.data import build_demo_dataset
 from ease_jax.errors import UserError
+from ease_jax.generation import generate as G
 from ease_jax.hf import save as export
 from ease_jax.recipe import compare, judges, mix
 from ease_jax.recipe import diagnose as stages

@@ -3,7 +3,7 @@
 Requests are tokenized exactly as lm-eval's `hf` backend tokenizes them (the same special
 tokens, the same left truncation, the same empty-context prefix), sorted longest first and
 batched by lm-eval's own `Collator`, and run as data-parallel rows on a device mesh:
-log-likelihoods through `Scorer`, generation through `ease_jax.generate.Generator` (the
+log-likelihoods through `Scorer`, generation through `ease_jax.generation.generate.Generator` (the
 KV-cache decoder). Multiple-choice requests that differ only in their last token share one
 row, as in the `hf` backend's logits cache.
 """
@@ -21,8 +21,13 @@ import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix,
-                                  normalize_gen_kwargs, postprocess_generated_text)
+from lm_eval.models.utils import (
+  Collator,
+  handle_stop_sequences,
+  has_bos_prefix,
+  normalize_gen_kwargs,
+  postprocess_generated_text,
+)
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -30,8 +35,8 @@ from ease_jax import hf, sharding
 from ease_jax.config import MeshConfig
 from ease_jax.data.render import FIXED_DATE
 from ease_jax.errors import UserError
+from ease_jax.generation.generate import BUCKETS, Generator, SamplingConfig, load_generation_model
 from ease_jax.hf.save import end_of_sequence_ids
-from ease_jax.generate import BUCKETS, Generator, SamplingConfig, load_generation_model
 from ease_jax.lm_eval.scoring import RowScores, Scorer
 from ease_jax.tokenizer import load_tokenizer
 

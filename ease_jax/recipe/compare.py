@@ -28,11 +28,11 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from ease_jax import config as C
-from ease_jax import generate as G
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS
 from ease_jax.data.records import ADAPTERS
 from ease_jax.errors import ConfigError, UserError
+from ease_jax.generation import generate as G
 from ease_jax.recipe import evaluate as E
 from ease_jax.recipe.judges import make_judge
 from ease_jax.recipe.refusals import make_refusal_detector

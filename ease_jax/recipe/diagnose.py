@@ -25,8 +25,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ease_jax import generate as G
-from ease_jax import generate_files as F
 from ease_jax import sharding
 from ease_jax.config import MeshConfig, SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
@@ -34,7 +32,9 @@ from ease_jax.data.readers import read_rows
 from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
 from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError, UserError
-from ease_jax.generate_continuous import ContinuousGenerator
+from ease_jax.generation import files as F
+from ease_jax.generation import generate as G
+from ease_jax.generation.continuous import ContinuousGenerator
 from ease_jax.recipe.judges import Judge, Verdict
 
 VERDICTS = ("unsafe", "safe", "invalid")

@@ -17,14 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ease_jax import generate as G
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
 from ease_jax.data.readers import read_rows
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
 from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError
-from ease_jax.generate_continuous import ContinuousGenerator
+from ease_jax.generation import generate as G
+from ease_jax.generation.continuous import ContinuousGenerator
 from ease_jax.recipe import scoring as S
 from ease_jax.recipe.refusals import make_refusal_detector
 

@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ease_jax import generate as G
 from ease_jax.errors import UserError
+from ease_jax.generation import generate as G
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def guard_prompt_text(tokenizer, prompt: str, response: str) -> str:
 
 
 class LlamaGuardJudge(Judge):
-  """A Llama-Guard-3 style model, run greedily through `ease_jax.generate` on our decoder."""
+  """A Llama-Guard-3 style model, run greedily through `ease_jax.generation.generate` on our decoder."""
 
   def __init__(self, spec: str, batch_size: int = 8, max_new_tokens: int = 24, mesh=None,
                dtype: str = "float32"):

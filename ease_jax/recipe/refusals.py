@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from ease_jax.errors import UserError
-from ease_jax.recipe.judges import REFUSAL_RE, load_function, is_refusal
+from ease_jax.recipe.judges import REFUSAL_RE, is_refusal, load_function
 
 # XSTest's string-match classifier (paper repository, evaluation/classify_completions_strmatch.py).
 XSTEST_PREFIXES = (

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from ease_jax import generate as G
 from ease_jax import sharding
 from ease_jax.config import Config
+from ease_jax.generation import generate as G
 from ease_jax.recipe import evaluate as E
 
 METRICS = ("reasoning_rate", "refusal_rate", "mean_new_tokens", "mean_think_tokens")

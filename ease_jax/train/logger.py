@@ -9,8 +9,8 @@ from typing import Any
 import jax
 
 from ease_jax import config as config_lib
-from ease_jax.train import metrics as metrics_lib
 from ease_jax.batch import OBJECTIVES
+from ease_jax.train import metrics as metrics_lib
 
 
 class NonFiniteLossError(RuntimeError):

@@ -128,7 +128,7 @@ def bench_transformers(model, prompts: list[list[int]], new_tokens: int, repeats
 
 
 def bench_ease(directory: str, prompts: list[list[int]], new_tokens: int, repeats: int):
-  from ease_jax import generate as G
+  from ease_jax.generation import generate as G
   from ease_jax.hf import load_pretrained
   model, cfg = load_pretrained(directory)
   gen = G.Generator(model, cfg, None, stop_ids=[], batch_size=len(prompts))
@@ -148,8 +148,8 @@ def pick_mix(directory: str, vocab: int, args: argparse.Namespace):
   """A recipe-like length mix: `--mix-rows` prompts, 80% stopping within `--mix-short`
   tokens, 20% running to `--mix-long`; stop ids taken from greedy outputs of the model
   (computed once with ease-jax), so both generators stop at the same places."""
-  from ease_jax import generate as G
-  from ease_jax.generate_continuous import ContinuousGenerator
+  from ease_jax.generation import generate as G
+  from ease_jax.generation.continuous import ContinuousGenerator
   from ease_jax.hf import load_pretrained
   rng = np.random.default_rng(1)
   n_long = max(1, round(args.mix_rows * 0.2))
@@ -197,8 +197,8 @@ def bench_mix_transformers(model, prompts, stops, args) -> tuple[float, list[lis
 
 
 def bench_mix_ease(directory, prompts, stops, args, continuous: bool):
-  from ease_jax import generate as G
-  from ease_jax.generate_continuous import ContinuousGenerator
+  from ease_jax.generation import generate as G
+  from ease_jax.generation.continuous import ContinuousGenerator
   from ease_jax.hf import load_pretrained
   model, cfg = load_pretrained(directory)
   cls = ContinuousGenerator if continuous else G.Generator
@@ -271,9 +271,9 @@ def roofline(args: argparse.Namespace) -> dict:
   import jax
   from flax import nnx
 
-  from ease_jax import generate as G
+  from ease_jax.generation import generate as G
   from ease_jax.train import metrics
-  from ease_jax.generate_continuous import ContinuousGenerator
+  from ease_jax.generation.continuous import ContinuousGenerator
   from ease_jax.models import Decoder, get_preset
   cfg = get_preset(args.roofline).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
   model = Decoder(cfg, rngs=nnx.Rngs(0))

@@ -26,7 +26,14 @@ import numpy as np
 from flax import nnx
 
 from ease_jax import sharding
-from ease_jax.generate import Generation, Generator, SamplingConfig, _causal_mask, _forward, _sample
+from ease_jax.generation.generate import (
+  Generation,
+  Generator,
+  SamplingConfig,
+  _causal_mask,
+  _forward,
+  _sample,
+)
 from ease_jax.models.layers import dtype_of
 
 
