@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ease_jax.generation import generate as G  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
+from ease_jax.generation import generate as G  # noqa: E402
 
 try:  # the optional `edge` extra
   import llama_cpp

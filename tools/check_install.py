@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import shutil
 import pkgutil
+import shutil
 import subprocess
 import sys
 import traceback

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ease_jax.edge import gguf_write as gguf_export  # noqa: E402
-from ease_jax.data import readers  # noqa: E402
 from ease_jax.config import SourceConfig  # noqa: E402
+from ease_jax.data import readers  # noqa: E402
+from ease_jax.edge import gguf_write as gguf_export  # noqa: E402
 from ease_jax.errors import DataError, UserError, run_main  # noqa: E402
-from ease_jax.hf.save import VERIFY_PROMPTS  # noqa: E402
 from ease_jax.generation.generate import load_generation_model  # noqa: E402
+from ease_jax.hf.save import VERIFY_PROMPTS  # noqa: E402
 
 FLOAT32_TOLERANCE = 1e-4
 EXACT_TYPES = ("F32", "F16", "BF16")

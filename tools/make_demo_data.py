@@ -12,7 +12,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ease_jax.demo import teachers as demo_teachers, text as demo_text  # noqa: E402
+from ease_jax.demo import teachers as demo_teachers  # noqa: E402
+from ease_jax.demo import text as demo_text
 
 
 def write(out: str, seed: int = 0, teachers: bool = False) -> dict[str, int]:

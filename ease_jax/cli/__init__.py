@@ -21,8 +21,12 @@ def _command(module: str) -> Callable[[], int]:
 
 build_mix = _command("build_mix")
 compare = _command("compare")
+diagnose = _command("diagnose")
+evaluate = _command("evaluate")
 export_hf = _command("export_hf")
+generate = _command("generate")
 inspect_data = _command("inspect_data")
 make_baselines = _command("make_baselines")
 select_teacher = _command("select_teacher")
+train = _command("train")
 write_traces = _command("write_traces")
