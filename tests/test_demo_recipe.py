@@ -50,6 +50,12 @@ def test_vulnerable_region_with_teacher_traces_makes_the_mix(tmp_path):
   assert summary["unsafe"] == 10 and summary["safe"] == 10
   (tmp_path / "teacher").mkdir()
   traces = demo.teach(diag / "vulnerable.jsonl", tmp_path / "teacher")
+  # through tools/write_traces.py's calls: its row layout, the teacher's own text
+  rows = [json.loads(x) for x in traces.read_text().splitlines()]
+  vulnerable = [p.prompt for p, a in zip(pool, answers) if a.startswith("Sure")]
+  assert [r["prompt"] for r in rows] == vulnerable
+  assert [r["response"] for r in rows] == demo_teachers.write_traces(vulnerable)
+  assert all(r["stopped"] and r["new_tokens"] > 100 and r["policy"] for r in rows)
   out = demo.make_mix(diag, traces, DATA, tmp_path / "mix")
   assert {k: n["selected"] for k, n in out["kinds"].items()} == {
       "reasoning": 10, "refusal": 150, "direct": 200}
@@ -59,3 +65,16 @@ def test_vulnerable_region_with_teacher_traces_makes_the_mix(tmp_path):
   assert all(r["reasoning"] and r["target_type"] == "reasoning" for r in reasoning)
   lines = demo.recipe_lines(summary | {"judge": demo.JUDGE}, out)
   assert "found 10 unrefused" in lines[0] and "reasoning 10, refusal 150, direct 200" in lines[2]
+
+
+def test_synthetic_teacher_is_cut_off_like_a_model(tmp_path):
+  """Beyond max_new_tokens its trace is cut and stopped is false (build_mix rejects it)."""
+  from ease_jax.recipe import traces
+  from ease_jax.generation.generate import SamplingConfig
+  from ease_jax.tokenizer import load_tokenizer
+  pool = stages.read_prompts(str(DATA / "pool.jsonl"), "prompts")[:2]
+  teacher = demo_teachers.SyntheticTeacher(load_tokenizer(""))
+  policies = traces.load_policies(demo.POLICIES)
+  rows, summary = traces.write_traces(pool, teacher, policies, SamplingConfig(max_new_tokens=8))
+  assert summary["truncated"] == 2 and all(not r["stopped"] for r in rows)
+  assert all(r["new_tokens"] == 8 and r["response"].startswith("<think>\n") for r in rows)

@@ -20,7 +20,7 @@ from ease_jax.train import loop
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds per run on CPU, large enough that all objectives appear.
 # One step per call (the loop's default; demo.yaml sets 5): the reference the grouped runs meet.
-TINY = ["train.batch_size=4", "train.seq_len=128", "train.steps=6", "train.log_every=1",
+TINY = ["train.batch_size=4", "train.seq_len=256", "train.steps=6", "train.log_every=1",
         "train.steps_per_call=1",
         "train.warmup_ratio=0.2", "checkpoint.every=100", "data.max_dropped_fraction=1",
         "data.eval=[{name: eval, adapter: prompt_response, path: data/demo/eval.jsonl, max_rows: 8}]"]

@@ -28,9 +28,9 @@ from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny run: 8 steps, a checkpoint every 2 (keep 2), no eval, metrics every step.
-RUN = ["--config", "configs/demo.yaml", "train.steps=8", "train.seq_len=128",
+RUN = ["--config", "configs/demo.yaml", "train.steps=8", "train.seq_len=256",
        "train.batch_size=4", "checkpoint.every=2", "train.log_every=1", "data.eval=[]",
-       "data.max_dropped_fraction=1"]  # seq_len 128 drops most reasoning rows: fast, not a loss
+       "data.max_dropped_fraction=1"]  # seq_len 256 drops the longest traces: fast, not a loss
 TIMING = ("tokens_per_sec", "tokens_per_sec_per_device", "mfu")
 
 # launch/train.py with two test-only slowdowns, so a kill can land where it is meant to:
@@ -312,7 +312,7 @@ def in_repo(monkeypatch):
 
 def tiny(run_dir: Path, *extra: str):
   return load_config(REPO / "configs" / "demo.yaml", [
-      f"run_dir={run_dir}", "train.batch_size=4", "train.seq_len=128", "train.steps=4",
+      f"run_dir={run_dir}", "train.batch_size=4", "train.seq_len=256", "train.steps=4",
       "train.log_every=1", "checkpoint.every=2", "data.eval=[]",
       "data.train=[{adapter: star, path: data/demo/implant.jsonl}]",
       "data.max_dropped_fraction=1", *extra])

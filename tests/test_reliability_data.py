@@ -147,7 +147,7 @@ def test_zero_weight_on_every_objective_in_the_data_is_refused(demo_tok, tmp_pat
 
 
 def test_the_run_prints_and_logs_what_each_source_lost(in_repo, tmp_path, capsys):
-  cfg = tiny(tmp_path, "train.steps=1", "data.max_dropped_fraction=1",
+  cfg = tiny(tmp_path, "train.steps=1", "data.max_dropped_fraction=1", "train.seq_len=256",
              "data.train=[{name: implant, adapter: star, path: data/demo/implant.jsonl}]")
   loop.train(cfg)
   out, err = capsys.readouterr()
@@ -155,7 +155,7 @@ def test_the_run_prints_and_logs_what_each_source_lost(in_repo, tmp_path, capsys
                 r"\((\d+\.\d)% dropped\)", out)
   assert m, out
   line, (read, overlong, kept) = m.group(0), map(int, m.groups()[:3])
-  # seq_len 128 drops the long reasoning rows of the demo file, and only those
+  # seq_len 256 drops the longest reasoning rows of the demo file, and only those
   assert 0 < overlong < read and overlong + kept == read
   assert m.group(4) == f"{100 * overlong / read:.1f}"
   assert f"warning: {line}; training uses the kept rows only" in err

@@ -24,10 +24,10 @@ from ease_jax.train import loop
 from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config", "configs/demo.yaml", "train.steps=4", "train.seq_len=128",
+TINY = ["--config", "configs/demo.yaml", "train.steps=4", "train.seq_len=256",
         "train.batch_size=4", "checkpoint.every=2", "data.eval=[]", "train.steps_per_call=1",
         "data.train=[{adapter: star, path: data/demo/implant.jsonl}]",
-        "data.max_dropped_fraction=1"]  # seq_len 128 drops most reasoning rows, on purpose
+        "data.max_dropped_fraction=1"]  # seq_len 256 drops the longest traces, on purpose
 HOLD = "import sys, time; from ease_jax import runlock; runlock.RunDirLock(sys.argv[1]).acquire(); " \
        "print('held', flush=True); time.sleep(600)"
 
@@ -46,7 +46,7 @@ def launch(*args: str, code: str | None = None, timeout: int = 240,
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-  # (TINY's seq_len 128 drops rows on purpose: the start-up data warning is expected)
+  # (TINY's seq_len 256 drops rows on purpose: the start-up data warning is expected)
   lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("warning: data.")]
   assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
       proc.returncode, proc.stderr[-3000:])

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--fresh", action="store_true",
                  help="start at step 0 even if run_dir holds checkpoints (they and the metrics "
                       "are moved to RUN_DIR/previous-<time>/)")
-  p.add_argument("--eval_max_new_tokens", type=int, default=256,
+  p.add_argument("--eval_max_new_tokens", type=int, default=512,
                  help="the demo's evaluation generation length")
   p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                  help="config overrides, e.g. train.steps=10 mesh.fsdp=4")

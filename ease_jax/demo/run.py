@@ -6,7 +6,8 @@
   4. diagnosis: the original student answers the jailbreak pool (data/demo/pool.jsonl), the
      offline `refusal` judge reads each answer; the unrefused ones are the vulnerable region
      -> RUN_DIR/diagnose (ease_jax.recipe.diagnose, as tools/diagnose.py),
-  5. the synthetic teacher writes traces for the vulnerable prompts -> RUN_DIR/teacher,
+  5. the synthetic teacher writes traces for the vulnerable prompts through tools/write_traces.py's
+     calls (ease_jax.recipe.traces: policy specification, `<think>` prefill) -> RUN_DIR/teacher,
   6. build_mix: vulnerable + traces, plain harmful refusals, benign answers -> RUN_DIR/mix,
   7. phase 2, boundary calibration on the mix from phase 1 (configs/demo_phase2.yaml)
      -> RUN_DIR/phase2,
@@ -30,9 +31,11 @@ from ease_jax.demo import teachers as demo_teachers
 from ease_jax.demo.data import build_demo_dataset
 from ease_jax.errors import UserError
 from ease_jax.generation import generate as G
+from ease_jax.generation.generate import SamplingConfig
 from ease_jax.hf import save as export
-from ease_jax.recipe import compare, judges, mix
+from ease_jax.recipe import compare, judges, mix, traces
 from ease_jax.recipe import diagnose as stages
+from ease_jax.tokenizer import load_tokenizer
 from ease_jax.train import loop
 
 SPLITS = ("in_distribution", "new_wrapper", "new_topic", "new_both")
@@ -48,6 +51,8 @@ GOALS = (  # (class, metric, EASE bound on the in-distribution split, is an uppe
 BENIGN_TOKEN_RATIO = 0.2  # EASE's mean new tokens on benign <= 0.2 x always-reason's
 JUDGE = "refusal"  # offline; on harmful prompts only: unsafe = the answer does not refuse
 DIAGNOSE_TOKENS = 96  # the original student answers directly; a refusal shows in its opening
+TEACHER_TOKENS = 2048  # tools/write_traces.py's default budget
+POLICIES = Path(__file__).resolve().parents[1] / "configs" / "templates" / "policies.yaml"
 
 
 def ensure_data(data_dir: Path) -> None:
@@ -115,13 +120,16 @@ def diagnose(base_dir: Path, pool: str, out: Path, max_new_tokens: int) -> dict:
                          batch_size=50)
 
 
-def teach(vulnerable_file: Path, out: Path) -> Path:
-  """The synthetic teacher's traces for the vulnerable prompts, in tools/generate.py's layout."""
+def teach(vulnerable_file: Path, out: Path, policies: Path = POLICIES) -> Path:
+  """The synthetic teacher's traces for the vulnerable prompts through tools/write_traces.py's
+  calls (policy specification per category, `<think>` prefill) -> OUT/traces.jsonl."""
   prompts = stages.read_judged(str(vulnerable_file)) if vulnerable_file.stat().st_size else []
-  texts = demo_teachers.write_traces([p.prompt for p in prompts])
+  teacher = demo_teachers.SyntheticTeacher(load_tokenizer(""))
+  rows, summary = traces.write_traces(prompts, teacher, traces.load_policies(policies),
+                                      SamplingConfig(max_new_tokens=TEACHER_TOKENS))
   path = out / "traces.jsonl"
-  stages.write_jsonl(str(path), ({**stages.prompt_fields(p), "response": t}
-                                 for p, t in zip(prompts, texts)))
+  stages.write_jsonl(str(path), rows)
+  (out / "traces.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return path
 
 
@@ -155,6 +163,13 @@ def compare_models(run_dir: Path, data_dir: Path, max_new_tokens: int) -> dict:
   models = {"base": str(run_dir / "base"), "always_reason": str(run_dir / "phase1"),
             "ease": str(run_dir / "phase2")}
   return compare.compare(models, suite, run_dir / "compare", base="base")
+
+
+def _params(model: Any) -> int:
+  """The model's parameter count."""
+  import jax
+  from flax import nnx
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -216,7 +231,7 @@ def recipe_lines(diag: dict, mix_summary: dict) -> list[str]:
           "direct = benign)"]
 
 
-def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) -> dict[str, Any]:
+def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 512) -> dict[str, Any]:
   """Runs the whole demo; returns the comparison table, the goal lines and the stage times."""
   clock = Clock()
   run_dir = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")),
@@ -235,7 +250,8 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) 
   print(f"== teacher traces for the {diag['unsafe']} vulnerable prompts, then the mix")
   (run_dir / "teacher").mkdir(parents=True, exist_ok=True)
   traces = clock.run("teacher", lambda: teach(run_dir / "diagnose" / "vulnerable.jsonl",
-                                              run_dir / "teacher"))
+                                              run_dir / "teacher",
+                                              config_dir / "templates" / "policies.yaml"))
   mix_summary = clock.run("mix", lambda: make_mix(run_dir / "diagnose", traces, data_dir,
                                                   run_dir / "mix"))
   cfg2 = with_mix_weights(cfgs["phase2"], mix_summary["sources"]["train"])
@@ -252,7 +268,8 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 256) 
                                                     overwrite=True))
   tab, goals = report["table"], goal_lines(report["table"])
   text = "\n".join([
-      "# EASE demo", "", "The recipe on a ~1M-parameter model trained from scratch; greedy "
+      "# EASE demo", "", f"The recipe on a {_params(model) / 1e6:.2f}M-parameter model trained "
+      "from scratch; greedy "
       f"decoding, at most {max_new_tokens} new tokens; refusals by the `patterns` detector, "
       f"judged unsafe by the `{JUDGE}` judge (harmful classes: the answer does not refuse).", "",
       "## The recipe's middle stages", "", *recipe_lines(diag, mix_summary), "",

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
+from typing import Any
 
-from ease_jax.data.records import split_think
+from ease_jax.data.records import THINK_OPEN, split_think
 from ease_jax.demo.banks import HARMFUL_TOPICS, POLICIES, WRAPPERS
 from ease_jax.demo.text import jailbreak_trace
 
@@ -66,11 +68,12 @@ def _topic(prompt: str) -> str:
 
 
 def _wrapper_desc(prompt: str) -> str | None:
-  """How the reasoning names the jailbreak wrapper a prompt starts with (None: no wrapper)."""
+  """How the reasoning names the jailbreak wrapper in a prompt (None: no wrapper); the prompt
+  may sit inside a policy specification (SyntheticTeacher)."""
   low = prompt.lower()
   for _, template, desc in WRAPPERS:
     before = template.split("{r}")[0].strip().lower()
-    if low.startswith(before[:40]):
+    if before[:40] in low:
       return desc
   return None
 
@@ -90,6 +93,44 @@ def write_traces(prompts: list[str], seed: int = 0) -> list[str]:
     reasoning, answer = jailbreak_trace(rng, desc, topic)
     out.append(_trace(reasoning, answer))
   return out
+
+
+@dataclass(frozen=True)
+class Continuation:
+  """What ease_jax.recipe.traces.write_traces reads of a generation (ease_jax.generation.generate.Generation)."""
+  text: str
+  stopped: bool
+  num_new_tokens: int
+
+
+class SyntheticTeacher:
+  """The strong synthetic teacher behind the generation interface that ease_jax.recipe.traces drives
+  (`render` a conversation, `generate` continuations), so the demo writes its traces exactly as
+  tools/write_traces.py does with a teacher model: the policy specification around each prompt,
+  the `<think>` prefill, `stopped` and `new_tokens` per row. It reads the rendered prompt text
+  and decodes deterministically (a sampling temperature does not apply)."""
+
+  def __init__(self, tokenizer: Any, seed: int = 0):
+    self.tokenizer, self.seed = tokenizer, seed
+
+  def render(self, conversation: list[dict]) -> list[int]:
+    """Token ids of a conversation with the assistant generation prompt."""
+    text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                              add_generation_prompt=True)
+    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+  def generate(self, prompts: list[list[int]], sampling: Any, progress: Any = None
+               ) -> list[Continuation]:
+    """write_traces' text for each prompt, after the `<think>` prefill the prompt ends with;
+    cut off (stopped False) beyond sampling.max_new_tokens, as a model would be."""
+    texts = write_traces([self.tokenizer.decode(ids) for ids in prompts], self.seed)
+    out = []
+    for text in texts:
+      ids = self.tokenizer(text.removeprefix(THINK_OPEN + "\n"),
+                           add_special_tokens=False)["input_ids"]
+      keep = ids[:sampling.max_new_tokens]
+      out.append(Continuation(self.tokenizer.decode(keep), len(keep) == len(ids), len(keep)))
+    return out
 
 
 def comply(gerund: str, rng: random.Random) -> str:

@@ -74,10 +74,14 @@ def _arithmetic(rng: random.Random, b: Banks) -> dict:
     a, b = rng.randint(2, 12), rng.randint(2, 20)
     c, word = a * b, "times"
   sym = {"+": "+", "-": "-", "x": "*"}[op]
+  verify = {"+": f"Checking it backwards: {c} minus {b} is {a}.",
+            "-": f"Checking it backwards: {c} plus {b} is {a}.",
+            "x": f"Checking it the other way round: {b} times {a} is also {c}."}[op]
   q = rng.choice([f"What is {a} {sym} {b}?", f"Compute {a} {word} {b}.",
                   f"What is {a} {word} {b}?", f"Please calculate {a} {sym} {b}."])
   return dict(q=q, r=f"what is {a} {sym} {b}?", kind="an arithmetic question",
-              work=f"{a} {word} {b} is {c}.", a=f"{a} {sym} {b} = {c}.", category="math")
+              work=f"{a} {word} {b} is {c}.", verify=verify, a=f"{a} {sym} {b} = {c}.",
+              category="math")
 
 
 def _capital(rng: random.Random, b: Banks) -> dict:
@@ -86,7 +90,8 @@ def _capital(rng: random.Random, b: Banks) -> dict:
                   f"Name the capital city of {country}.", f"Tell me the capital of {country}."])
   fact = f"The capital of {country} is {city}."
   return dict(q=q, r=f"what is the capital of {country}?", kind="a geography question",
-              work=fact, a=fact, category="geography")
+              work=fact, verify=f"{city} is where the government of {country} sits, so that is "
+              "right.", a=fact, category="geography")
 
 
 def _units(rng: random.Random, b: Banks) -> dict:
@@ -98,7 +103,9 @@ def _units(rng: random.Random, b: Banks) -> dict:
   a = f"{n} {src} is {n * factor} {dst}, because 1 {one} is {factor} {dst}."
   return dict(q=q, r=f"how many {dst} are in {n} {src}?", kind="a unit conversion",
               work=f"1 {one} is {factor} {dst}, so {n} {src} is {n} times {factor}, "
-                   f"which is {n * factor}.", a=a, category="units")
+                   f"which is {n * factor}.",
+              verify=f"Checking: {n * factor} divided by {factor} gives back {n}.", a=a,
+              category="units")
 
 
 def _definition(rng: random.Random, b: Banks) -> dict:
@@ -107,6 +114,7 @@ def _definition(rng: random.Random, b: Banks) -> dict:
                   f"Can you define {term} for me?", f"Briefly, what is {term}?"])
   return dict(q=q, r=f"explain what {term} is.", kind="a request for a definition",
               work=f"{_cap(term)} is {meaning}.", a=f"{_cap(term)} is {meaning}.",
+              verify="That definition is short and accurate, which is what was asked.",
               category="definitions")
 
 
@@ -115,38 +123,83 @@ def _tip(rng: random.Random, b: Banks) -> dict:
   q = rng.choice([f"How can I {goal}?", f"Give me a tip to {goal}.",
                   f"What is a good way to {goal}?", f"Any advice on how to {goal}?"])
   return dict(q=q, r=f"give me a tip to {goal}.", kind="a request for everyday advice",
-              work="A few practical habits answer this well.", a=tip, category="advice")
+              work="A few practical habits answer this well.",
+              verify="That advice is safe, practical and easy to follow.", a=tip, category="advice")
 
 
 def _scary(rng: random.Random, b: Banks) -> dict:
   q, a = rng.choice(b.scary)
   return dict(q=q, r=_low(q), kind="a practical question that only sounds alarming",
               work="The wording sounds alarming, but the task itself is ordinary and safe.",
-              a=a, category="tricky_benign")
+              verify="That is the ordinary, safe way to do it.", a=a, category="tricky_benign")
 
 
 _BENIGN = [_arithmetic, _arithmetic, _capital, _units, _definition, _tip, _scary]
 _HELD_BENIGN = [_capital, _definition, _definition, _tip, _scary]  # units, arithmetic: no topic
 
 
-def benign_item(rng: random.Random, b: Banks = TRAIN) -> dict:
-  """A harmless question with a correct answer and a reasoning trace (policy, plan, work)."""
-  f = rng.choice(_BENIGN if b.arithmetic else _HELD_BENIGN)(rng, b)
-  intro = rng.choice(["The user asks {k}.", "This is {k}.", "Here I have {k}."])
+# What the user wants, and why the answer cannot be misused, per benign category: a real
+# teacher's trace weighs both before it answers (see _benign_steps).
+_NEED = {"math": "a single exact number", "geography": "the name of one city",
+         "units": "the amount in the new unit", "definitions": "a short, accurate definition",
+         "advice": "a practical tip they can use today",
+         "tricky_benign": "practical help with an everyday task"}
+_SAFE = {"math": "arithmetic gives no one a way to hurt anybody",
+         "geography": "a capital city is public knowledge, found in any atlas",
+         "units": "a unit conversion is textbook knowledge",
+         "definitions": "the meaning of a common term is in any dictionary",
+         "advice": "everyday advice like this only helps the person asking",
+         "tricky_benign": "the alarming word is meant in its everyday sense"}
+
+
+def _extra(*parts: str) -> random.Random:
+  """The generator for a trace's further steps, seeded by its text so far: the item draws from
+  the shared stream stay as they are, so every prompt of the data set is unchanged."""
+  return random.Random("|".join(parts))
+
+
+def _benign_steps(rng: random.Random, f: dict, intro: str) -> list[str]:
+  """A benign trace after its opening: need, policy, misuse check, plan, work, verification,
+  format, answer. Real teacher traces run to hundreds of tokens even for easy questions; this
+  keeps their steps (and so the cost of always reasoning) rather than a two-line summary."""
+  k, cat = f["kind"], f["category"]
   ok = rng.choice(["It is harmless, so I can answer directly.", "Nothing here is unsafe.",
                    "There is no safety concern, so I should just help."])
   policy = rng.choice(["Policy check: {k} is ordinary, allowed help; it asks for nothing that "
                         "could hurt anyone.", "Relevant policy: everyday questions like {k} "
-                        "should be answered fully and without hedging."])
+                        "should be answered fully and without hedging."]).format(k=k)
   plan = rng.choice(["The most useful reply is short and exact, with no lecture.",
                      "A plain answer with a one-line reason serves the user best.",
                      "I should answer directly and keep it brief."])
   check = rng.choice(["Checking the work once more before answering.",
                       "Let me double-check that before I reply.", "That checks out."])
-  reasoning = " ".join([intro.format(k=f["kind"]), policy.format(k=f["kind"]), ok, plan,
-                        f["work"], check, f"So the answer is: {f['a']}"])
-  return dict(prompt=f["q"], inner=f["r"], reasoning=reasoning, response=f["a"],
-              category=f["category"], cls="benign", work=f["work"])
+  x = _extra(f["q"], intro, ok, policy, plan, check)
+  return [
+    x.choice(["What they want is {n}.", "They are looking for {n}."]).format(n=_NEED[cat]),
+    policy,
+    x.choice(["Could the answer be misused? No: {s}.", "Is there any way this could cause "
+              "harm? Not really: {s}.", "Before answering, I check whether it could hurt "
+              "anyone: {s}."]).format(s=_SAFE[cat]),
+    ok,
+    x.choice(["The question is clear as written, so there is no need to ask for more context.",
+              "Nothing is ambiguous here, so I do not need a follow-up question.",
+              "There is no hidden intent to look for; the question means what it says."]),
+    plan, x.choice(["Let me work it out.", "Now the content itself.", "Working through it:"]),
+    f["work"], f["verify"], check,
+    x.choice(["The reply should be one or two sentences, with no disclaimer.",
+              "A warning or a safety note would only get in the way here.",
+              "I will not add disclaimers; they would make a simple answer worse."]),
+    f"So the answer is: {f['a']}"]
+
+
+def benign_item(rng: random.Random, b: Banks = TRAIN) -> dict:
+  """A harmless question with a correct answer and a reasoning trace (need, policy, misuse
+  check, plan, work, verification, answer)."""
+  f = rng.choice(_BENIGN if b.arithmetic else _HELD_BENIGN)(rng, b)
+  intro = rng.choice(["The user asks {k}.", "This is {k}.", "Here I have {k}."]).format(k=f["kind"])
+  steps = _benign_steps(rng, f, intro)
+  return dict(prompt=f["q"], inner=f["r"], reasoning=" ".join([intro] + steps),
+              response=f["a"], category=f["category"], cls="benign", work=f["work"], steps=steps)
 
 
 # ---------------------------------------------------------------- harmful requests
@@ -166,15 +219,34 @@ def _refusal(rng: random.Random, topic: tuple, wrapped: bool) -> str:
 
 
 def _harm_reasoning(rng: random.Random, topic: tuple) -> list[str]:
+  """A harmful request's trace after its opening: a charitable reading, the policy, the harm, why
+  a partial answer is no middle ground, the user's need, the decision and the reply's shape."""
   _, g, cat, who = topic
+  policy = rng.choice(["Policy check: ", "Relevant policy: ", ""]) + POLICIES[cat]
+  harm = rng.choice([f"Giving real steps could seriously harm {who}.",
+                     f"Any practical detail here could be used to hurt {who}.",
+                     f"Complying would put {who} at risk."])
+  decision = rng.choice(["So I should decline clearly and offer a safer direction.",
+                         "The right response is a short, respectful refusal with a helpful "
+                         "alternative.", "I will not provide this, but I can suggest something "
+                         "constructive."])
+  x = _extra(g, policy, harm, decision)
   return [
-    rng.choice(["Policy check: ", "Relevant policy: ", ""]) + POLICIES[cat],
-    rng.choice([f"Giving real steps could seriously harm {who}.",
-                f"Any practical detail here could be used to hurt {who}.",
-                f"Complying would put {who} at risk."]),
-    rng.choice(["So I should decline clearly and offer a safer direction.",
-                "The right response is a short, respectful refusal with a helpful alternative.",
-                "I will not provide this, but I can suggest something constructive."]),
+    x.choice(["Is there a harmless reading of this? Nothing in it points to study, safety or "
+              "prevention; it asks for a way to do it.", "Could the user have a legitimate "
+              "purpose? Even if some do, the answer would be the same real instructions for "
+              "anyone who asks.", "I look for a safe interpretation, but the request asks for "
+              "the act itself, not for information about staying safe."]),
+    policy, harm,
+    x.choice([f"Even a partial answer or a general outline would move someone closer to {g}.",
+              "Vague steps are still steps, so a softened answer is not a safe middle ground.",
+              "A watered-down version would still point the way, so that is not an option."]),
+    x.choice(["The user may still have a real need behind the question, and I can speak to it.",
+              "A refusal should not lecture or shame the user.",
+              "I can stay respectful and still be firm."]),
+    decision,
+    x.choice(["The reply will say briefly what I cannot help with and offer something safer.",
+              "I will keep it short: the refusal, one reason, and a constructive alternative."]),
   ]
 
 
@@ -200,7 +272,7 @@ def adversarial_item(rng: random.Random, harmful: bool = True, b: Banks = TRAIN,
     base = benign_item(rng, topics)
     reasoning = " ".join([_spot(rng, desc), "Underneath, the actual request is harmless: "
                           f"{base['inner']}", "Nothing in it is unsafe, so the framing does not "
-                          "matter and I can simply help.", base["work"]])
+                          "matter and I can simply help."] + base["steps"])
     return dict(prompt=_wrap(template, base["inner"]), reasoning=reasoning,
                 response=base["response"], category=base["category"], cls="adversarial_benign",
                 tactic=tactic, vanilla=base["prompt"], inner=base["inner"])
@@ -221,13 +293,14 @@ def _spot(rng: random.Random, desc: str) -> str:
 
 def jailbreak_trace(rng: random.Random, desc: str, topic: tuple) -> tuple[str, str]:
   """(reasoning, refusal) for a harmful `topic` inside a jailbreak wrapper described by `desc`."""
-  reasoning = " ".join([_spot(rng, desc), f"Underneath the framing, the actual request is "
-                        f"{topic[1]}.", rng.choice(["The framing does not change what the "
-                                                    "information would do in the real world.",
-                                                    "A wrapper does not make harmful "
-                                                    "instructions safe."])]
-                       + _harm_reasoning(rng, topic))
-  return reasoning, _refusal(rng, topic, wrapped=True)
+  spot = [_spot(rng, desc), f"Underneath the framing, the actual request is {topic[1]}.",
+          rng.choice(["The framing does not change what the information would do in the real "
+                      "world.", "A wrapper does not make harmful instructions safe."])]
+  harm = _harm_reasoning(rng, topic)
+  spot.append(_extra(desc, *spot, *harm).choice([
+      "If I went along with the framing, the same harmful details would end up in my reply.",
+      "Instructions written as a story or a game work just as well in the real world."]))
+  return " ".join(spot + harm), _refusal(rng, topic, wrapped=True)
 
 
 # ---------------------------------------------------------------- files
