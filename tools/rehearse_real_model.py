@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--per_class", type=int, default=2, help="held-out prompts per class and split")
   p.add_argument("--pool_rows", type=int, default=40, help="jailbreak prompts diagnosed")
   p.add_argument("--max_new_tokens", type=int, default=128)
-  p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+  p.add_argument("--threads", type=int, default=2,
+                 help="llama.cpp threads (1 on a machine whose cores other jobs share: its "
+                      "threads spin-wait for each other)")
+  p.add_argument("--edge_per_class", type=int, default=1,
+                 help="held-out prompts per class and split run in llama.cpp")
+  p.add_argument("--edge_budget_s", type=float, default=1200,
+                 help="no new llama.cpp cost run starts after this many seconds (skips are listed)")
   return p.parse_args(argv)
 
 
@@ -190,15 +197,25 @@ def export_all(run_dir: Path, models: dict[str, str]) -> None:
     del model
 
 
-def edge_identity(run_dir: Path, models: dict[str, str], max_new: int, threads: int) -> None:
-  """Phase 2 in llama.cpp (F16 and Q8_0) vs tools/generate.py's greedy tokens, all prompts."""
+def edge_prompts(run_dir: Path, per_class: int) -> Path:
+  """prompts/edge.jsonl: per split, the first `per_class` prompts of each class."""
+  rows = []
+  for split in SPLITS:
+    split_rows = [json.loads(x) for x in (run_dir / "prompts" / f"{split}.jsonl").read_text().splitlines()]
+    rows += [r for c in CLASSES for r in [r for r in split_rows if r["class"] == c][:per_class]]
+  path = run_dir / "prompts" / "edge.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def edge_identity(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -> None:
+  """Phase 2 in llama.cpp (F16 and Q8_0) vs tools/generate.py's greedy tokens."""
   check_edge = load_check_edge()
-  prompts = run_dir / "prompts" / "all.jsonl"
-  prompts.write_text("".join((run_dir / "prompts" / f"{s}.jsonl").read_text() for s in SPLITS))
-  ref = check_edge.reference(models["phase2"], str(prompts), 0, max_new)
+  prompts = edge_prompts(run_dir, args.edge_per_class)
+  ref = check_edge.reference(models["phase2"], str(prompts), 0, args.max_new_tokens)
   out = {}
   for type_name in TYPES:
-    rows = check_edge.compare_with(run_dir / "gguf" / f"phase2-{type_name}.gguf", ref, threads)
+    rows = check_edge.compare_with(run_dir / "gguf" / f"phase2-{type_name}.gguf", ref, args.threads)
     out[type_name] = {"same_tokens": sum(r["same_tokens"] for r in rows), "prompts": len(rows),
                       "same_tokenization": sum(r["same_prompt_tokenization"] for r in rows),
                       "stop_ids_not_eog": rows[0]["stop_ids_not_eog"], "rows": rows}
@@ -206,24 +223,34 @@ def edge_identity(run_dir: Path, models: dict[str, str], max_new: int, threads: 
   (run_dir / "edge" / "identity.json").write_text(json.dumps(out, indent=1))
 
 
-def edge_cost(run_dir: Path, models: dict[str, str], max_new: int, threads: int) -> None:
-  """Every model and type in llama.cpp on the prompts: the cost per prompt class."""
+def edge_cost(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -> None:
+  """Every model and type in llama.cpp on the edge prompts: the cost per prompt class. Q8_0
+  first, then F16; no run starts after --edge_budget_s (the skipped ones are listed)."""
   from ease_jax import generate as G
   check_edge = load_check_edge()
-  labelled = check_edge.read_labelled_prompts(str(run_dir / "prompts" / "all.jsonl"), 0)
-  out = {}
+  labelled = check_edge.read_labelled_prompts(str(edge_prompts(run_dir, args.edge_per_class)), 0)
+  prompts, tokenizers = {}, {}
   for name, spec in models.items():
-    model, cfg, tokenizer = G.load_generation_model(spec)
-    render = G.Generator(model, cfg, tokenizer, batch_size=1).render
-    prompts = [(c[-1]["content"], label, render(c)) for c, label in labelled]
+    model, cfg, tokenizers[name] = G.load_generation_model(spec)
+    render = G.Generator(model, cfg, tokenizers[name], batch_size=1).render
+    prompts[name] = [(c[-1]["content"], label, render(c)) for c, label in labelled]
     del model, render
-    for type_name in TYPES:
-      rows = check_edge.edge_cost_ids(run_dir / "gguf" / f"{name}-{type_name}.gguf", prompts,
-                                      tokenizer, max_new, threads)
-      out[f"{name}/{type_name}"] = {"summary": check_edge.summarize_cost(rows), "prompts": rows}
+  out: dict[str, Any] = {"threads": args.threads, "skipped": []}
+  start = time.perf_counter()
+  for type_name in reversed(TYPES):
+    for name in ("phase2", "base", "always_reason", "refusal", "phase1"):
+      if time.perf_counter() - start > args.edge_budget_s:
+        out["skipped"].append(f"{name}/{type_name}")
+        continue
+      load = os.getloadavg()[0]
+      rows = check_edge.edge_cost_ids(run_dir / "gguf" / f"{name}-{type_name}.gguf", prompts[name],
+                                      tokenizers[name], args.max_new_tokens, args.threads)
+      out[f"{name}/{type_name}"] = {"summary": check_edge.summarize_cost(rows), "prompts": rows,
+                                    "load_average_1m": [load, os.getloadavg()[0]]}
       s = out[f"{name}/{type_name}"]["summary"]["all"]
       print(f"{name} {type_name}: {s['mean_new_tokens']:.1f} new tokens/prompt, "
             f"{s['seconds_per_prompt']:.2f} s/prompt, {s['tokens_per_s']:.1f} tokens/s")
+      (run_dir / "edge" / "cost.json").write_text(json.dumps(out, indent=1))
   (run_dir / "edge" / "cost.json").write_text(json.dumps(out, indent=1))
 
 
@@ -248,9 +275,8 @@ def run(args: argparse.Namespace) -> Path:
   stages.run("lm_eval", lambda: lm_eval_models(run_dir, models))
   stages.run("export", lambda: export_all(run_dir, models))
   _mkdir(run_dir / "edge")
-  stages.run("llama.cpp identity",
-             lambda: edge_identity(run_dir, models, args.max_new_tokens, args.threads))
-  stages.run("llama.cpp cost", lambda: edge_cost(run_dir, models, args.max_new_tokens, args.threads))
+  stages.run("llama.cpp identity", lambda: edge_identity(run_dir, models, args))
+  stages.run("llama.cpp cost", lambda: edge_cost(run_dir, models, args))
   return write_summary(run_dir, stages.times, vars(args))
 
 
@@ -303,9 +329,15 @@ def edge_tables(identity: dict, cost: dict) -> list[str]:
            f"to tools/generate.py, {v['same_tokenization']}/{v['prompts']} prompts tokenized "
            f"identically; stop ids not end-of-generation: {v['stop_ids_not_eog'] or 'none'}"
            for t, v in identity.items()]
-  lines += ["", "| model | type | class | prompts | new tokens | think tokens | s / prompt | tokens/s |",
+  lines += ["", f"llama.cpp threads: {cost['threads']}; runs not made (time budget): "
+            f"{', '.join(cost['skipped']) or 'none'}; 1-minute load average during each run "
+            "(2 cores): " + ", ".join(f"{k} {v['load_average_1m'][0]:.1f}-{v['load_average_1m'][1]:.1f}"
+                                      for k, v in cost.items() if "/" in k),
+            "", "| model | type | class | prompts | new tokens | think tokens | s / prompt | tokens/s |",
             "|---|---|---|---|---|---|---|---|"]
   for key, v in cost.items():
+    if "/" not in key:
+      continue
     name, type_name = key.split("/")
     for cls, c in v["summary"].items():
       lines.append(f"| {name} | {type_name} | {cls} | {c['prompts']} | {c['mean_new_tokens']:.1f} | "
