@@ -157,14 +157,27 @@ def train(cfg: Config) -> None:
 
 
 def compare_models(run_dir: Path, models: dict[str, str], max_new: int) -> None:
-  """The five models on the held-out prompts: rates and token counts per split and class."""
+  """The five models on the held-out prompts: rates and token counts per split and class.
+  Each model's results are kept (compare/NAME.json), so an interrupted stage resumes."""
   from ease_jax import compare
   suite = compare.Suite(
       benchmarks=tuple(compare.Benchmark(name=s, adapter="prompt_response",
                                          path=str(run_dir / "prompts" / f"{s}.jsonl"))
                        for s in SPLITS),
       max_new_tokens=max_new, batch_size=8, refusal="patterns", judge=demo.JUDGE)
-  compare.compare(models, suite, run_dir / "compare", base="base")
+  out = _mkdir(run_dir / "compare")
+  results = {}
+  for name, spec in models.items():
+    cached = out / f"{name}.json"
+    if not cached.exists():
+      cached.write_text(json.dumps(compare.evaluate_models({name: spec}, suite, out)[name]))
+    results[name] = json.loads(cached.read_text())
+  tab = compare.table(results, "base")
+  note = compare.scoring_note(suite)
+  (out / "report.json").write_text(json.dumps(
+      {"models": models, "base": "base", "scoring": note, "max_new_tokens": max_new,
+       "table": tab}, indent=2))
+  (out / "report.md").write_text(compare.markdown(tab, note))
 
 
 def lm_eval_models(run_dir: Path, models: dict[str, str]) -> None:
@@ -190,6 +203,8 @@ def export_all(run_dir: Path, models: dict[str, str]) -> None:
   out = run_dir / "gguf"
   out.mkdir(parents=True, exist_ok=True)
   for name, spec in models.items():
+    if all((out / f"{name}-{t}.gguf").exists() for t in TYPES):
+      continue  # written by an earlier, interrupted run (files appear only when complete)
     model, cfg, tokenizer = G.load_generation_model(spec)
     for type_name in TYPES:
       save_gguf(model, cfg, out / f"{name}-{type_name}.gguf", tokenizer, type_name,
