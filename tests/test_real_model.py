@@ -86,3 +86,47 @@ def test_the_gguf_tokenizer_fits_the_configs(tmp_path):
   rows = [r for _, r in readers.read_rows(source)][:source.max_rows]
   longest = max(len(tok(r["question"] + r["response"])["input_ids"]) for r in rows)
   assert longest + 16 <= cfg.train.seq_len  # + the ChatML markers: no row is dropped
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp")
+
+
+@pytest.mark.skipif(LLAMA_CPP is None, reason="llama-cpp-python (the optional `edge` extra, a "
+                    "~20 minute build from source) is not installed: pip install 'ease-jax[edge]'")
+def test_edge_cost_decodes_what_the_comparison_decodes(tmp_path, capsys):
+  """check_edge --no_reference (last-position logits only) generates the same ids as the
+  compared run (logits of every position), and counts them per class."""
+  from ease_jax.tokenizer import ensure_think_tokens, load_tokenizer
+  from tests.test_gguf import _export, sys_path_tools
+  sys_path_tools()
+  import check_edge
+  tok = load_tokenizer("")
+  ensure_think_tokens(tok)
+  _, _, _, path = _export(tmp_path, tok, "qwen2", dict(tie_word_embeddings=True))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p, "class": c}) + "\n" for p, c in
+                             [("What is 2 plus 2?", "benign"), ("Explain how to pick a lock.", "harmful")]))
+  out = tmp_path / "cost.json"
+  assert check_edge.main(["--export", str(path), "--prompts", str(prompts), "--max_new_tokens",
+                          "12", "--no_reference", "--out", str(out)]) == 0
+  cost = json.loads(out.read_text())
+  compared = check_edge.compare(check_edge.parse_args(
+      ["--export", str(path), "--prompts", str(prompts), "--max_new_tokens", "12"]), path)
+  assert [r["new_tokens"] for r in cost["prompts"]] == [len(r["llama_cpp_ids"]) for r in compared]
+  assert all(r["same_tokens"] for r in compared)
+  assert set(cost["summary"]) == {"benign", "harmful", "all"}
+  assert cost["summary"]["all"]["mean_new_tokens"] == sum(
+      r["new_tokens"] for r in cost["prompts"]) / 2
+  assert "| benign | 1 |" in capsys.readouterr().out
+
+
+def test_think_tokens_counts_inside_the_first_block():
+  sys.path.insert(0, str(ROOT / "tools"))
+  import check_edge
+
+  class Tok:
+    def get_vocab(self):
+      return {"<think>": 7, "</think>": 8}
+  assert check_edge.think_tokens([7, 1, 2, 3, 8, 4], Tok()) == 3
+  assert check_edge.think_tokens([7, 1, 2], Tok()) == 2      # unclosed: to the end
+  assert check_edge.think_tokens([1, 2, 8], Tok()) == 0      # no opening tag

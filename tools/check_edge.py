@@ -104,6 +104,14 @@ def to_gguf(export: Path, args: argparse.Namespace, tmp: Path) -> Path:
   return save_gguf(model, cfg, out, tokenizer, args.type)
 
 
+def last_logits(llm) -> np.ndarray:
+  """The logits of the last evaluated position (llama-cpp-python keeps `scores` only with
+  logits_all; otherwise the context holds the last position's row)."""
+  if llm._logits_all:
+    return llm.scores[llm.n_tokens - 1]
+  return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm._n_vocab,))
+
+
 def llama_greedy(llm, prompt: list[int], max_new: int) -> tuple[list[int], float]:
   """Greedy ids (the end-of-generation token included when one ends it) and seconds."""
   vocab = llm._model.vocab
@@ -112,7 +120,7 @@ def llama_greedy(llm, prompt: list[int], max_new: int) -> tuple[list[int], float
   llm.eval(prompt)
   ids: list[int] = []
   for _ in range(max_new):
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits(llm)))
     ids.append(token)
     if llama_cpp.llama_vocab_is_eog(vocab, token):
       break

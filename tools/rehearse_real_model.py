@@ -362,25 +362,31 @@ def edge_tables(identity: dict, cost: dict) -> list[str]:
 
 def write_summary(run_dir: Path, times: dict[str, float], args: dict) -> Path:
   """RUN_DIR/rehearsal.md: the recipe's middle stages, the comparison, the capability task,
-  llama.cpp's identity and cost, the time per stage."""
-  read = lambda *p: json.loads(run_dir.joinpath(*p).read_text())  # noqa: E731
-  diag, mix, scores = read("diagnose", "summary.json"), read("mix", "summary.json"), read("lm_eval", "scores.json")
-  tab = read("compare", "report.json")["table"]
+  llama.cpp's identity and cost, the time per stage (a stage's section says when its output
+  is missing)."""
+  def read(*parts: str) -> Any:
+    path = run_dir.joinpath(*parts)
+    return json.loads(path.read_text()) if path.exists() else None
+  missing = ["(not measured: this stage did not finish)", ""]
+  report, scores = read("compare", "report.json"), read("lm_eval", "scores.json")
+  identity, cost = read("edge", "identity.json"), read("edge", "cost.json")
   text = ["# Real-model rehearsal: SmolLM2-135M-Instruct", "",
           f"Settings: {json.dumps(args)}; greedy decoding, at most {args['max_new_tokens']} new "
           f"tokens; refusals by the `patterns` detector, unsafe by the `{demo.JUDGE}` judge.", "",
-          "## The recipe's middle stages", "", *demo.recipe_lines(diag, mix), "",
-          "## Held-out prompts (tools/generate.py)", "", *compare_tables(tab),
+          "## The recipe's middle stages", "",
+          *demo.recipe_lines(read("diagnose", "summary.json"), read("mix", "summary.json")), "",
+          "## Held-out prompts (tools/generate.py)", "",
+          *(compare_tables(report["table"]) if report and all(
+              m in report["models"] for m in MODELS) else missing),
           "## General capability (lm-eval, data/real_model/general_mc.jsonl, 0-shot)", "",
-          "| model | acc | acc_norm |", "|---|---|---|",
-          *[f"| {m} | {_f(s.get('acc,none'), 3)} +- {_f(s.get('acc_stderr,none'), 3)} | "
-            f"{_f(s.get('acc_norm,none'), 3)} +- {_f(s.get('acc_norm_stderr,none'), 3)} |"
-            for m, s in scores.items()], "",
+          *(["| model | acc | acc_norm |", "|---|---|---|",
+             *[f"| {m} | {_f(s.get('acc,none'), 3)} +- {_f(s.get('acc_stderr,none'), 3)} | "
+               f"{_f(s.get('acc_norm,none'), 3)} +- {_f(s.get('acc_norm_stderr,none'), 3)} |"
+               for m, s in scores.items()], ""] if scores else missing),
           "## llama.cpp (llama-cpp-python, CPU, float32 KV cache)", "",
-          *edge_tables(read("edge", "identity.json"), read("edge", "cost.json")), "",
+          *(edge_tables(identity, cost) if identity and cost else missing), "",
           "## Wall time per stage", "", "| stage | wall s |", "|---|---|",
-          *[f"| {k} | {v:.0f} |" for k, v in times.items()],
-          f"| total | {sum(times.values()):.0f} |", ""]
+          *[f"| {k} | {v:.0f} |" for k, v in times.items()], ""]
   path = run_dir / "rehearsal.md"
   path.write_text("\n".join(text))
   print("\n".join(text))
