@@ -14,9 +14,9 @@ Everything goes under RUN_DIR (docs/real_model.md):
   teacher/ mix/  the synthetic teacher's traces for the unrefused prompts; the three-way mix
   phase2/        EASE phase 2 from phase 1 on the mix (configs/smollm2-135m_phase2.yaml)
   refusal/ always_reason/   the baselines from the GGUF (configs/smollm2-135m_{refusal,always_reason}.yaml)
-  compare/       base / refusal / always_reason / phase1 / phase2 on the prompts (ease_jax.compare)
+  compare/       base / refusal / always_reason / phase1 / phase2 on the prompts (ease_jax.recipe.compare)
   lm_eval/       a small local multiple-choice task (data/real_model/general_mc.jsonl), base vs phase 2
-  gguf/          every model exported F16 and Q8_0 (ease_jax.gguf_export)
+  gguf/          every model exported F16 and Q8_0 (ease_jax.edge.gguf_write)
   edge/          llama.cpp on --edge_per_class prompts per class and split: phase 2's greedy
                  tokens vs tools/generate.py (F16, Q8_0), and the edge cost of every model and
                  type per prompt class (tools/check_edge.py)
@@ -39,7 +39,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ease_jax import demo  # noqa: E402
+from ease_jax.demo import run as demo  # noqa: E402
 from ease_jax.config import Config, load_config  # noqa: E402
 from ease_jax.errors import UserError, run_main  # noqa: E402
 
@@ -161,7 +161,7 @@ def train(cfg: Config) -> None:
 def compare_models(run_dir: Path, models: dict[str, str], max_new: int) -> None:
   """The five models on the held-out prompts: rates and token counts per split and class.
   Each model's results are kept (compare/NAME.json), so an interrupted stage resumes."""
-  from ease_jax import compare
+  from ease_jax.recipe import compare
   suite = compare.Suite(
       benchmarks=tuple(compare.Benchmark(name=s, adapter="prompt_response",
                                          path=str(run_dir / "prompts" / f"{s}.jsonl"))
@@ -200,8 +200,8 @@ def lm_eval_models(run_dir: Path, models: dict[str, str]) -> None:
 
 def export_all(run_dir: Path, models: dict[str, str]) -> None:
   """Every model to GGUF, F16 and Q8_0 (what llama.cpp, Ollama and LM Studio load)."""
-  from ease_jax import generate as G
-  from ease_jax.gguf_export import save_gguf
+  from ease_jax.generation import generate as G
+  from ease_jax.edge.gguf_write import save_gguf
   out = run_dir / "gguf"
   out.mkdir(parents=True, exist_ok=True)
   for name, spec in models.items():
@@ -243,7 +243,7 @@ def edge_identity(run_dir: Path, models: dict[str, str], args: argparse.Namespac
 def edge_cost(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -> None:
   """Every model and type in llama.cpp on the edge prompts: the cost per prompt class. Q8_0
   first, then F16; no run starts after --edge_budget_s (the skipped ones are listed)."""
-  from ease_jax import generate as G
+  from ease_jax.generation import generate as G
   check_edge = load_check_edge()
   labelled = check_edge.read_labelled_prompts(str(edge_prompts(run_dir, args.edge_per_class)), 0)
   prompts, tokenizers = {}, {}
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def diagnose(gguf: str, data_dir: Path, run_dir: Path, rows: int) -> dict:
   """The untouched model on the first `rows` jailbreak prompts of the pool (refusal judge)."""
-  from ease_jax import judges, stages
+  from ease_jax.recipe import judges, diagnose as stages
   out = _mkdir(run_dir / "diagnose")
   return stages.diagnose(str(out), lambda: judges.make_judge(demo.JUDGE),
                          prompts_path=str(data_dir / "pool.jsonl"), adapter="prompts",
