@@ -88,7 +88,7 @@ def test_shipped_demo_baseline_data_is_what_the_tool_writes(kind, tmp_path):
     assert path.read_text() == (shipped / path.name).read_text(), path.name
   cfg = load_config(REPO / "configs" / f"demo_{kind}.yaml")
   phase1 = load_config(REPO / "configs" / "demo_phase1.yaml")
-  assert cfg.model.init_from == phase1.model.init_from and cfg.train.steps == 356
+  assert cfg.model.init_from == phase1.model.init_from and cfg.train.steps == 484
   assert sorted(p.name for p in (tmp_path / kind).iterdir()) == sorted(
       s.path.rsplit("/", 1)[1] for s in cfg.data.train)
 
