@@ -110,8 +110,8 @@ def test_short_demo_runs_end_to_end(tmp_path):
   teacher and the mix, the three-model comparison per split, export, summary."""
   run_dir = tmp_path / "demo"
   proc = subprocess.run([sys.executable, "launch/train.py", f"run_dir={run_dir}", "train.steps=2",
-                         "train.seq_len=256", "data.eval=[]", "checkpoint.async_save=false",
-                         "--eval_max_new_tokens", "4"],
+                         "train.seq_len=256", "data.max_dropped_fraction=1",  # drops long traces
+                         "data.eval=[]", "checkpoint.async_save=false", "--eval_max_new_tokens", "4"],
                         cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((run_dir / "eval" / "report.json").read_text())
@@ -135,6 +135,7 @@ def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):
   run_dir = tmp_path / "run"
   proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo_phase1.yaml",
                          f"run_dir={run_dir}", "train.steps=4", "train.seq_len=256", "data.eval=[]",
+                         "data.max_dropped_fraction=1",  # seq_len 256 drops the longest traces
                          "behavior.file=data/demo/eval.jsonl", "behavior.max_new_tokens=6",
                          "checkpoint.async_save=false"],
                         cwd=REPO, capture_output=True, text=True, timeout=600)

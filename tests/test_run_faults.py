@@ -28,7 +28,7 @@ TINY = ["--config", "configs/demo.yaml", "train.steps=4", "train.seq_len=256",
         "train.batch_size=4", "checkpoint.every=2", "data.eval=[]", "train.steps_per_call=1",
         "data.train=[{adapter: star, path: data/demo/implant.jsonl}]",
         "data.max_dropped_fraction=1"]  # seq_len 256 drops the longest traces, on purpose
-HOLD = "import sys, time; from ease_jax import runlock; runlock.RunDirLock(sys.argv[1]).acquire(); " \
+HOLD = "import sys, time; from ease_jax.train import runlock; runlock.RunDirLock(sys.argv[1]).acquire(); " \
        "print('held', flush=True); time.sleep(600)"
 
 
