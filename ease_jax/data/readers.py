@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,3 +231,14 @@ def read_rows(src: SourceConfig) -> Iterator[Row]:
   if fmt in ("csv", "tsv"):
     return _read_delimited(src.path, "," if fmt == "csv" else "\t")
   return _read_table(src.path, fmt, src.split)
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> int:
+  """Writes rows as JSON lines (UTF-8, not ASCII-escaped); returns the count."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  n = 0
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      n += 1
+  return n

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ease_jax.config import Config, SourceConfig, load_config
+from ease_jax.data.readers import write_jsonl
 from ease_jax.demo import teachers as demo_teachers
 from ease_jax.demo.data import build_demo_dataset
 from ease_jax.errors import UserError
@@ -62,8 +63,7 @@ def ensure_data(data_dir: Path) -> None:
     return
   for name, rows in files.items():
     out = data_dir / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(str(out), rows)
     print(f"wrote {out} ({len(rows)} rows)")
 
 

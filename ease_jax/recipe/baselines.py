@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ease_jax.config import Config, SourceConfig
+from ease_jax.data.readers import write_jsonl
 from ease_jax.data.records import Record, load_records, source_name, split_think
 from ease_jax.errors import DataError, UserError
 from ease_jax.recipe.refusals import pattern_refusal
@@ -96,10 +97,7 @@ def write_baseline(sources: tuple[SourceConfig, ...], kind: str, out_dir: str,
         raise DataError(f"{src.path}: {len(missing)} prompt(s) have no reasoning and no trace "
                         f"(first: {missing[0][:80]!r}); pass --traces FILE or --generic")
     path = out / f"{source_name(src)}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    counts[str(path)] = len(rows)
+    counts[str(path)] = write_jsonl(str(path), rows)
   return counts
 
 

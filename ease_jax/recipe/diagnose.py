@@ -22,13 +22,13 @@ import random
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ease_jax import sharding
 from ease_jax.config import MeshConfig, SourceConfig
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
-from ease_jax.data.readers import read_rows
+from ease_jax.data.readers import read_rows, write_jsonl  # noqa: F401  (stages write with it)
 from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
 from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError, UserError
@@ -184,17 +184,6 @@ def read_judged(path: str, verdict: str | None = "unsafe") -> list[Prompt]:
                       f"{'vulnerable' if verdict == 'unsafe' else verdict}.jsonl)",
                       field="verdict")
   return prompts
-
-
-def write_jsonl(path: str, rows: Iterable[dict]) -> int:
-  """Writes rows as JSON lines (UTF-8, not ASCII-escaped); returns the count."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  n = 0
-  with open(path, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      n += 1
-  return n
 
 
 def prompt_fields(p: Prompt) -> dict:

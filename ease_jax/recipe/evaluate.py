@@ -19,7 +19,7 @@ import numpy as np
 
 from ease_jax.config import SourceConfig
 from ease_jax.data.benchmarks import benchmark_adapter, load_eval_prompts
-from ease_jax.data.readers import read_rows
+from ease_jax.data.readers import read_rows, write_jsonl
 from ease_jax.data.records import THINK_CLOSE, THINK_OPEN, Record, load_records, source_name
 from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError
@@ -180,9 +180,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, rows: list[dict],
   out.mkdir(parents=True, exist_ok=True)
   (out / "report.json").write_text(json.dumps(report, indent=2))
   (out / "report.md").write_text(markdown(report, title))
-  with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  write_jsonl(str(out / "generations.jsonl"), rows)
   chart({title or "model": report}, out / "chart.png")
   return out
 
