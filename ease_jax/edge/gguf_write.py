@@ -25,7 +25,8 @@ from flax import nnx
 
 from ease_jax.edge.gguf_read import ROPE_FREQS, hf_to_gguf_name, llama3_factors, permute_qk
 from ease_jax.errors import UserError
-from ease_jax.hf.mapping import path_str, to_hf, weight_table
+from ease_jax.hf.mapping import to_hf, weight_table
+from ease_jax.models.paths import path_str
 from ease_jax.hf.save import END_OF_TURN_TOKENS
 from ease_jax.models import Decoder, DecoderConfig
 

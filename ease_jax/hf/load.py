@@ -15,16 +15,10 @@ from safetensors import SafetensorError, safe_open
 from ease_jax.edge.gguf_read import load_gguf
 from ease_jax.errors import UserError
 from ease_jax.hf import check as hf_check
-from ease_jax.hf.mapping import (
-  assemble,
-  config_from_hf,
-  param_shapes,
-  path_str,
-  to_hf,
-  to_jax,
-  weight_table,
-)
+from ease_jax.hf.mapping import (assemble, config_from_hf, param_shapes, to_hf, to_jax,
+                                 weight_table)
 from ease_jax.models import Decoder, DecoderConfig
+from ease_jax.models.paths import path_str
 from ease_jax.models.layers import dtype_of
 
 

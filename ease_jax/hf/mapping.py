@@ -14,7 +14,7 @@ from flax import nnx
 
 from ease_jax.errors import UserError
 from ease_jax.models import Decoder, DecoderConfig
-from ease_jax.models.paths import path_str  # noqa: F401  (part of this module's table API)
+from ease_jax.models.paths import path_str
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
                  "Qwen3ForCausalLM": "qwen3"}

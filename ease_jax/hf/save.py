@@ -22,8 +22,9 @@ from flax import nnx
 
 from ease_jax.errors import UserError
 from ease_jax.hf import export_dir
-from ease_jax.hf.mapping import FAMILY_ARCH, param_shapes, path_str, to_hf, weight_table
+from ease_jax.hf.mapping import FAMILY_ARCH, param_shapes, to_hf, weight_table
 from ease_jax.models import Decoder, DecoderConfig
+from ease_jax.models.paths import path_str
 from ease_jax.models.layers import dtype_of
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
