@@ -98,8 +98,8 @@ BASE = ["--vulnerable", "v.jsonl", "--traces", "t.jsonl"]
     ("build_mix: {seed: 1}\n", ["seed=x"], "'seed=x': invalid int value: 'x'"),
     ("build_mix: {seed: 1}\n", ["seed"], "unexpected argument 'seed': expected --option VALUE"),
     ("build_mix: {seed: 1}\n", ["--out", "o", "--vulnerable", "v"],
-     "--traces is required: give --traces VALUE, traces=VALUE, or 'traces:' in the "
-     "'build_mix:' section of a --config file"),
+     ("--traces is required: give --traces VALUE, traces=VALUE, or 'traces:' in the "
+      "'build_mix:' section of a --config file")),
 ])
 def test_bad_input_is_one_located_line_and_exit_2(tmp_path, monkeypatch, capsys, text, argv,
                                                    message):

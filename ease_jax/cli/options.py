@@ -67,7 +67,6 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None,
   return args
 
 
-
 def _lookup(options: dict[str, argparse.Action], key: str, where: str) -> argparse.Action:
   """The option named `key`, or a ConfigError naming the closest valid key."""
   if key in options:
