@@ -48,6 +48,7 @@ def test_precedence_flag_then_key_value_then_yaml_then_default(tmp_path):
   for argv in (["--config", cfg, "seed=2", "--seed", "3"], ["--seed", "3", "seed=2", "--config", cfg]):
     assert _parse(argv).seed == 3
   assert _parse(["--out", "x"]).seed == 0 and _parse(["out=x", "--out", "y"]).out == "y"
+  assert _parse(["--config", cfg, "seed=2", "--seed=4"]).seed == 4
 
 
 def test_values_go_through_the_actions_type_choices_nargs_and_store_true(tmp_path):
@@ -61,6 +62,11 @@ def test_values_go_through_the_actions_type_choices_nargs_and_store_true(tmp_pat
   assert (args.fresh, args.categories, args.fraction, args.seed) == (False, ["a", "b"], 0.1, 7)
   assert _parse(["--config", cfg, "categories="]).categories == []
   assert _parse(["out=o", "fresh=True"]).fresh is True and _parse(["out=o"]).fresh is False
+  with pytest.raises(ConfigError, match=r"'fraction=1.5': 1.5 is not allowed; expected a ratio"):
+    _parse(["out=o", "fraction=1.5"])
+  bad = _yaml(tmp_path, "build_mix:\n  out: o\n  fraction: nan\n", "bad.yaml")
+  with pytest.raises(ConfigError, match=r"bad.yaml:3: build_mix.fraction: nan is not allowed"):
+    _parse(["--config", bad])
   one = _yaml(tmp_path, "build_mix:\n  categories: benign\n  fresh: 'false'\n  out: o\n", "one.yaml")
   assert (_parse(["--config", one]).categories, _parse(["--config", one]).fresh) == (["benign"], False)
 
