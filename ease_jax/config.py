@@ -22,6 +22,10 @@ import yaml
 from ease_jax.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
+# Top-level sections of a YAML file that hold a command's options, not the run's: `diagnose:`
+# for ease-diagnose, `build_mix:` for ease-build-mix (ease_jax/cli/options.py). The training
+# loader skips exactly these, so the phase-2 config can carry the stages that build its data.
+TOOL_SECTIONS = ("diagnose", "build_mix")
 Attention = Literal["xla", "cudnn", "splash"]  # the decoder's attention implementations
 
 
@@ -380,8 +384,8 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def from_dict(tree: dict) -> Config:
-  """Builds and validates a Config from a nested dict."""
-  return _build(Config, tree)
+  """Builds and validates a Config from a nested dict (the TOOL_SECTIONS are not the run's)."""
+  return _build(Config, {k: v for k, v in tree.items() if k not in TOOL_SECTIONS})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -407,4 +411,5 @@ def replace(cfg: Config, **sections: Any) -> Config:
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "SourceConfig", "TrainConfig", "LossConfig",
            "CheckpointConfig", "MeshConfig", "BehaviorConfig", "ObjectiveWeights", "SpanWeights", "load_config",
-           "from_dict", "parse_overrides", "apply_overrides", "dump_yaml", "to_dict", "read_yaml"]
+           "from_dict", "parse_overrides", "apply_overrides", "dump_yaml", "to_dict", "read_yaml",
+           "TOOL_SECTIONS"]

@@ -40,6 +40,11 @@ changes. An unknown key, a wrong type or a value outside what is allowed stops t
 any work with one `error: ...` line naming the key (exit code 2). The resolved config is
 written to `RUN_DIR/config.yaml`, which `--config` reads back.
 """
+# The tools' sections a config may also carry (config.TOOL_SECTIONS); not the run's keys.
+HEADER += ("\nTop-level sections named after a tool ("
+           + ", ".join(f"`{s}:`" for s in config_lib.TOOL_SECTIONS)
+           + ") hold that tool's options, not the run's;\nthe loader skips them "
+           "([recipe.md](recipe.md#stage-options-from-a-yaml-file)).\n")
 
 
 def _comments(cls: type) -> dict[str, str]:

@@ -25,6 +25,10 @@ sample. --eval_fraction F holds out F of each set as OUT/eval_*.jsonl. OUT/sourc
 `data:` config section listing the files (show them: tools/inspect_data.py --config
 OUT/sources.yaml); copy its entries into the phase-2 config. --require_all_traces makes a
 missing trace an error (exit 2) after the report is written.
+
+The options may also come from the `build_mix:` section of a YAML file (--config FILE.yaml;
+the phase-2 training config may carry it) and key=value words (the flag names without --;
+lists comma-separated): a --flag wins over key=value, which wins over the file (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import argparse
 import os
 import sys
 
+from ease_jax.cli import options
 from ease_jax.errors import UserError
 from ease_jax.recipe import diagnose as stages
 from ease_jax.recipe import mix
@@ -56,12 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--eval_fraction", type=float, default=0.0)
   ap.add_argument("--require_all_traces", action="store_true")
   ap.add_argument("--out", required=True, help="output directory")
-  return ap.parse_args(argv)
+  return options.parse_args(ap, argv, "build_mix")
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
   try:
+    args = parse_args(argv)
     out = os.path.abspath(args.out)
     inputs = [args.vulnerable, args.traces, args.harmful, args.general]
     if any(p and os.path.dirname(os.path.abspath(p)) == out for p in inputs):

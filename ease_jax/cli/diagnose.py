@@ -25,6 +25,10 @@ judged twice and listed in summary.json. See ease_jax/recipe/diagnose.py for the
 Several processes (TPU VM workers, or --coordinator/--num_processes/--process_id as in
 launch/train.py) generate and judge together, the models sharded over all their devices
 (--tensor: tensor-parallel size); process 0 writes. docs/generation.md.
+
+The options may also come from the `diagnose:` section of a YAML file (--config FILE.yaml;
+the phase-2 training config may carry it) and key=value words (the flag names without --;
+lists comma-separated): a --flag wins over key=value, which wins over the file (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import sys
 
 from ease_jax import distributed
+from ease_jax.cli import options
 from ease_jax.errors import UserError
 from ease_jax.recipe import diagnose as stages
 from ease_jax.recipe import judges
@@ -70,12 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--fresh", action="store_true",
                   help="discard an unfinished OUT/generations.jsonl.partial of other settings")
   distributed.add_args(ap)
-  return ap.parse_args(argv)
+  return options.parse_args(ap, argv, "diagnose")
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
   try:
+    args = parse_args(argv)
     distributed.init_distributed(args)
     template = None
     if args.template:
