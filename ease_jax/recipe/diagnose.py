@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 
 from ease_jax import sharding
 from ease_jax.config import MeshConfig, SourceConfig
+from ease_jax.console import progress
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows, write_jsonl  # noqa: F401  (stages write with it)
 from ease_jax.data.records import (
@@ -72,8 +72,8 @@ def normalize(text: str) -> str:
 
 
 def log(msg: str) -> None:
-  """Progress output (stderr, so stdout stays for results)."""
-  print(msg, file=sys.stderr, flush=True)
+  """Progress output of the phase-2 stages (stderr, so stdout stays for results)."""
+  progress(msg, __name__)
 
 
 # ---------------------------------------------------------------- readers
