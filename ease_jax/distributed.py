@@ -14,6 +14,7 @@ import glob
 import os
 import sys
 
+from ease_jax.console import get_logger
 from ease_jax.errors import UserError
 
 LOST_PEER = 3  # exit code: a multi-process run lost one of its processes
@@ -69,12 +70,13 @@ def init_distributed(args: argparse.Namespace) -> None:
 def lost_peer(err: Exception, what: str = "resume from the last checkpoint") -> None:
   """A collective failed on a multi-process run: another process died or was killed.
 
-  Prints one line and exits with LOST_PEER at once: jax.distributed's exit handler would
-  wait `--shutdown_timeout` for the dead process."""
+  Logs one `error: ...` line (stderr) and exits with LOST_PEER at once: jax.distributed's
+  exit handler would wait `--shutdown_timeout` for the dead process."""
   import jax
-  print(f"error: process {jax.process_index()}: a collective with the other processes failed "
-        f"({' '.join(str(err).split())[:300]}); another process of this run probably died or "
-        f"was killed. Start all processes again to {what}", file=sys.stderr, flush=True)
+  get_logger(__name__).error(
+      f"process {jax.process_index()}: a collective with the other processes failed "
+      f"({' '.join(str(err).split())[:300]}); another process of this run probably died or "
+      f"was killed. Start all processes again to {what}")
   sys.stdout.flush()
   os._exit(LOST_PEER)
 

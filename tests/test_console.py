@@ -26,3 +26,39 @@ def test_one_handler_however_often_asked_and_a_user_can_quiet_it(capsys):
     assert capsys.readouterr().out == ""
   finally:
     root.setLevel(logging.INFO)
+
+
+def test_progress_is_a_bare_info_line_on_stderr_and_quiets_with_the_level(capsys):
+  from ease_jax.generation import files
+  from ease_jax.recipe import diagnose
+  diagnose.log("diagnose: judged 2/4 with refusal")
+  files._log("  2/4 prompts  9 new tokens")
+  out, err = capsys.readouterr()
+  assert out == "" and err == "diagnose: judged 2/4 with refusal\n  2/4 prompts  9 new tokens\n"
+  root = logging.getLogger("ease_jax")
+  root.setLevel(logging.WARNING)
+  try:
+    diagnose.log("hidden")
+    assert capsys.readouterr() == ("", "")
+  finally:
+    root.setLevel(logging.INFO)
+
+
+def test_lost_peer_logs_one_error_line_then_exits_at_once(capsys, monkeypatch):
+  from ease_jax import distributed
+
+  def fake_exit(code):
+    raise SystemExit(code)
+
+  monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+  try:
+    distributed.lost_peer(RuntimeError("gloo:\n  connection reset"))
+  except SystemExit as e:
+    assert e.code == distributed.LOST_PEER
+  else:
+    raise AssertionError("lost_peer returned")
+  out, err = capsys.readouterr()
+  assert out == "" and err == (
+      "error: process 0: a collective with the other processes failed (gloo: connection reset);"
+      " another process of this run probably died or was killed. Start all processes again to "
+      "resume from the last checkpoint\n")

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from ease_jax.hf import save as export
+from ease_jax.generation import decode
 from ease_jax.generation import generate as G
 from ease_jax.errors import UserError
 from ease_jax.hf import load_pretrained
@@ -76,7 +77,7 @@ def qwen2(tmp_path_factory):
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
 def _sample(logits, seed, row, step, temperature, top_p, greedy):
-  return G._sample(logits, seed, row, step, temperature, top_p, greedy)
+  return decode.sample(logits, seed, row, step, temperature, top_p, greedy)
 
 
 def _recompute(model, prompt, row, sampling, stop_ids, width=64):
@@ -132,7 +133,7 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus():
   rows = jnp.arange(2000)
 
   def draw(seed, top_p, temperature=1.0, step=0):
-    return np.asarray(G._sample(logits, seed, rows, step, temperature, top_p, False))
+    return np.asarray(decode.sample(logits, seed, rows, step, temperature, top_p, False))
 
   a = draw(3, 0.7)
   assert set(a.tolist()) == {1, 2}

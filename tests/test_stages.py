@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -218,6 +219,27 @@ def test_read_prompts_formats_and_errors(tmp_path):
   with pytest.raises(DataError, match="field 'response'"):
     stages.read_responses(write(tmp_path / "r.jsonl", [{"prompt": "p"}]))
 
+
+
+@pytest.mark.parametrize("messages, field, message", [
+    ("hi", "messages", "expected a non-empty list of {role, content}"),
+    ([{"role": "user", "content": "Q"}, {"role": "bot", "content": "A"}], "messages[1]",
+     "message 1 must be {role: system|user|assistant|tool, content: string}"),
+    ([{"role": "user", "content": "Q\ud800"}, {"role": "assistant", "content": "A"}],
+     "messages[0].content", "has an unpaired surrogate"),
+])
+def test_prompt_and_record_readers_validate_messages_alike(tmp_path, messages, field, message):
+  """One `messages` validator (records.parse_messages): the prompt reader of diagnose and the
+  training adapter reject the same row with the same line, field and words."""
+  path = tmp_path / "m.jsonl"
+  good = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+  path.write_text("".join(json.dumps({"messages": m, "target_type": "direct"}) + "\n"
+                          for m in (good, messages)))
+  expected = rf"m.jsonl:2: {re.escape(message)}.*\(field '{re.escape(field)}'\)"
+  with pytest.raises(DataError, match=expected):
+    stages.read_prompts(str(path))
+  with pytest.raises(DataError, match=expected):
+    mix.load_targets(str(path), "messages", "direct")
 
 def test_diagnose_with_a_tiny_model(tmp_path, judge_module):
   """Generation on the framework's decoder (a random Qwen2 with the demo tokenizer) + judge."""

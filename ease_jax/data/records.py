@@ -18,6 +18,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ease_jax.batch import OBJECTIVES
 from ease_jax.config import SourceConfig
@@ -26,6 +27,7 @@ from ease_jax.errors import DataError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant", "tool")
+T = TypeVar("T")
 
 
 class DuplicateIdWarning(UserWarning):
@@ -228,9 +230,10 @@ def adapt_prompt_response(row: dict, target: str, **meta: str) -> Record:
                      category=meta_str(row, "category"), **meta)
 
 
-def adapt_messages(row: dict, target: str, **meta: str) -> Record:
-  """Chat `messages` ending with the assistant turn to supervise; `target_type` as above."""
-  msgs = row.get("messages")
+def parse_messages(msgs: object) -> list[tuple[str, str]]:
+  """A `messages` field as (role, content) pairs, contents stripped; raises DataError naming
+  the field (`messages`, `messages[i]`, `messages[i].content`) when it is not a non-empty list
+  of {role, content: string} or a content cannot be encoded. Used by every reader of chat rows."""
   if not isinstance(msgs, list) or not msgs:
     raise DataError("expected a non-empty list of {role, content}", field="messages")
   pairs = []
@@ -240,9 +243,15 @@ def adapt_messages(row: dict, target: str, **meta: str) -> Record:
                       field=f"messages[{i}]")
     _check_text(m["content"], f"messages[{i}].content")
     pairs.append((m["role"], m["content"].strip()))
+  return pairs
+
+
+def adapt_messages(row: dict, target: str, **meta: str) -> Record:
+  """Chat `messages` ending with the assistant turn to supervise; `target_type` as above."""
+  pairs = parse_messages(row.get("messages"))
   if pairs[-1][0] != "assistant":
     raise DataError("the last message must be the assistant turn to supervise", field="messages")
-  reasoning = _str(msgs[-1], "reasoning_content", required=False)
+  reasoning = _str(row["messages"][-1], "reasoning_content", required=False)
   response = pairs[-1][1]
   if reasoning is None:
     reasoning, response = split_think(response, f"messages[{len(pairs) - 1}].content")
@@ -262,16 +271,15 @@ def source_name(src: SourceConfig) -> str:
   return src.name or os.path.splitext(os.path.basename(src.path.rstrip("/")))[0]
 
 
-def load_records(src: SourceConfig, on_bad_record: str = "error",
-                 bad: BadRecords | None = None) -> list[Record]:
-  """Reads, adapts and validates every row of one source."""
-  if src.adapter not in ADAPTERS:
-    raise DataError(f"adapter {src.adapter!r} does not read training records; expected one of "
-                    f"{', '.join(ADAPTERS)} (safety benchmarks hold prompts without answers: "
-                    "evaluate them with tools/evaluate.py --adapter NAME)", path=src.path)
-  adapter = ADAPTERS[src.adapter]
-  name, bad = source_name(src), bad if bad is not None else BadRecords()
-  records, rows, first_seen, repeats = [], 0, {}, []
+def adapt_rows(src: SourceConfig, adapt: Callable[[dict, dict[str, str]], T | None],
+               on_bad: Callable[[object, DataError], None]) -> tuple[list[T], int]:
+  """The read-rows-then-adapt loop of every reader: (what `adapt` made, rows read).
+
+  Each row of `src` (the first `src.max_rows` when set) goes to `adapt(row, meta)`, `meta`
+  being the Record's `source`, `where` and `id`; a None result leaves the row out. A row that
+  cannot be read, or whose `adapt` raises DataError, goes to `on_bad(row, error)` with the
+  error located (file, line or row): the caller raises it, or counts it and goes on."""
+  name, out, rows = source_name(src), [], 0
   for loc, row in read_rows(src):
     if src.max_rows and rows >= src.max_rows:
       break
@@ -280,22 +288,34 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
       if isinstance(row, DataError):
         raise row
       rid = row.get("id")
-      meta = {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)}
-      records.append(adapter(row, src.target_type, **meta))
-      if meta["id"]:
-        if meta["id"] in first_seen:
-          repeats.append((meta["id"], first_seen[meta["id"]], loc))
-        first_seen.setdefault(meta["id"], loc)
+      item = adapt(row, {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)})
     except DataError as e:
-      if on_bad_record != "skip":
-        raise loc.error(e) from None
-      bad.add(loc.error(e))
-  if repeats:
-    bad.duplicate_ids += len(repeats)
-    rid, first, again = repeats[0]
-    warnings.warn(f"{src.path}: {len(repeats)} row(s) repeat an earlier row's id (e.g. {rid!r} "
-                  f"at {first} and {again}); they are kept as separate examples",
-                  DuplicateIdWarning, stacklevel=2)
+      error = loc.error(e)
+    else:
+      if item is not None:
+        out.append(item)
+      continue
+    on_bad(row, error)  # outside the except block: a raised error carries no chained one
+  return out, rows
+
+
+def load_records(src: SourceConfig, on_bad_record: str = "error",
+                 bad: BadRecords | None = None) -> list[Record]:
+  """Reads, adapts and validates every row of one source."""
+  if src.adapter not in ADAPTERS:
+    raise DataError(f"adapter {src.adapter!r} does not read training records; expected one of "
+                    f"{', '.join(ADAPTERS)} (safety benchmarks hold prompts without answers: "
+                    "evaluate them with tools/evaluate.py --adapter NAME)", path=src.path)
+  adapter = ADAPTERS[src.adapter]
+  bad = bad if bad is not None else BadRecords()
+
+  def on_bad(row: object, error: DataError) -> None:
+    if on_bad_record != "skip":
+      raise error
+    bad.add(error)
+
+  records, rows = adapt_rows(src, lambda row, meta: adapter(row, src.target_type, **meta), on_bad)
+  _warn_duplicate_ids(src, records, bad)
   if rows == 0:
     raise DataError("no records: the source is empty", path=src.path)
   if not records:
@@ -303,3 +323,19 @@ def load_records(src: SourceConfig, on_bad_record: str = "error",
                     path=src.path)
   return records
 
+
+def _warn_duplicate_ids(src: SourceConfig, records: list[Record], bad: BadRecords) -> None:
+  """Counts rows whose id repeats an earlier row's (kept: it may be deliberate upsampling)."""
+  first_seen: dict[str, str] = {}
+  repeats = []
+  for rec in records:
+    if rec.id:
+      if rec.id in first_seen:
+        repeats.append((rec.id, first_seen[rec.id], rec.where))
+      first_seen.setdefault(rec.id, rec.where)
+  if repeats:
+    bad.duplicate_ids += len(repeats)
+    rid, first, again = repeats[0]
+    warnings.warn(f"{src.path}: {len(repeats)} row(s) repeat an earlier row's id (e.g. {rid!r} "
+                  f"at {first} and {again}); they are kept as separate examples",
+                  DuplicateIdWarning, stacklevel=3)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ease_jax.config import Config, SourceConfig, load_config
+from ease_jax.console import get_logger
 from ease_jax.data.readers import write_jsonl
 from ease_jax.demo import teachers as demo_teachers
 from ease_jax.demo.data import build_demo_dataset
@@ -55,6 +56,8 @@ DIAGNOSE_TOKENS = 96  # the original student answers directly; a refusal shows i
 TEACHER_TOKENS = 2048  # tools/write_traces.py's default budget
 POLICIES = Path(__file__).resolve().parents[2] / "configs" / "templates" / "policies.yaml"
 
+log = get_logger(__name__)
+
 
 def ensure_data(data_dir: Path) -> None:
   """Writes the bundled synthetic data set when any of its files is missing (deterministic)."""
@@ -64,7 +67,7 @@ def ensure_data(data_dir: Path) -> None:
   for name, rows in files.items():
     out = data_dir / name
     write_jsonl(str(out), rows)
-    print(f"wrote {out} ({len(rows)} rows)")
+    log.info(f"wrote {out} ({len(rows)} rows)")
 
 
 def stage_configs(config_dir: Path, run_dir: str, overrides: list[str]) -> dict[str, Config]:
@@ -239,15 +242,15 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 512) 
   cfgs = stage_configs(config_dir, str(run_dir), overrides)
   data_dir = Path(cfgs["base"].data.train[0].path).parent
   clock.run("data", lambda: ensure_data(data_dir))
-  print(f"== original student: refusal training -> {cfgs['base'].run_dir}")
-  print(clock.run("base", lambda: loop.train(cfgs["base"])).summary())
-  print(f"== phase 1: reasoning implantation -> {cfgs['phase1'].run_dir}")
-  print(clock.run("phase1", lambda: loop.train(cfgs["phase1"])).summary())
-  print(f"== diagnosis of the original student on {data_dir / 'pool.jsonl'}")
+  log.info(f"== original student: refusal training -> {cfgs['base'].run_dir}")
+  log.info(clock.run("base", lambda: loop.train(cfgs["base"])).summary())
+  log.info(f"== phase 1: reasoning implantation -> {cfgs['phase1'].run_dir}")
+  log.info(clock.run("phase1", lambda: loop.train(cfgs["phase1"])).summary())
+  log.info(f"== diagnosis of the original student on {data_dir / 'pool.jsonl'}")
   diag = clock.run("diagnose", lambda: diagnose(
       run_dir / "base", str(data_dir / "pool.jsonl"), run_dir / "diagnose",
       min(max_new_tokens, DIAGNOSE_TOKENS)))
-  print(f"== teacher traces for the {diag['unsafe']} vulnerable prompts, then the mix")
+  log.info(f"== teacher traces for the {diag['unsafe']} vulnerable prompts, then the mix")
   (run_dir / "teacher").mkdir(parents=True, exist_ok=True)
   traces = clock.run("teacher", lambda: teach(run_dir / "diagnose" / "vulnerable.jsonl",
                                               run_dir / "teacher",
@@ -255,13 +258,13 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 512) 
   mix_summary = clock.run("mix", lambda: make_mix(run_dir / "diagnose", traces, data_dir,
                                                   run_dir / "mix"))
   cfg2 = with_mix_weights(cfgs["phase2"], mix_summary["sources"]["train"])
-  print(f"== phase 2: boundary calibration on the mix -> {cfg2.run_dir}")
-  print(clock.run("phase2", lambda: loop.train(cfg2)).summary())
-  print("== comparison on the eval splits: base, always-reason (phase 1), EASE (phase 2)")
+  log.info(f"== phase 2: boundary calibration on the mix -> {cfg2.run_dir}")
+  log.info(clock.run("phase2", lambda: loop.train(cfg2)).summary())
+  log.info("== comparison on the eval splits: base, always-reason (phase 1), EASE (phase 2)")
   report = clock.run("compare", lambda: compare_models(run_dir, data_dir, max_new_tokens))
   shutil.copytree(run_dir / "compare" / "ease" / "in_distribution", run_dir / "eval",
                   dirs_exist_ok=True)
-  print(f"== export of the EASE model -> {run_dir / 'export'}")
+  log.info(f"== export of the EASE model -> {run_dir / 'export'}")
   model, model_cfg, tokenizer = G.load_generation_model(cfg2.run_dir)
   clock.run("export", lambda: export.save_pretrained(model, model_cfg, run_dir / "export",
                                                     tokenizer=tokenizer, dtype="float32",
@@ -277,8 +280,8 @@ def run_demo(config_dir: Path, overrides: list[str], max_new_tokens: int = 512) 
       "## base (refusal only) vs always-reason (phase 1) vs EASE (phase 2), per eval split", "",
       split_tables(tab), "", "## Time per stage", "", clock.table(), ""])
   (run_dir / "demo.md").write_text(text)
-  print("\n" + text)
-  print(f"comparison: {run_dir / 'compare' / 'report.md'}\nreport:     "
+  log.info("\n" + text)
+  log.info(f"comparison: {run_dir / 'compare' / 'report.md'}\nreport:     "
         f"{run_dir / 'eval' / 'report.json'}\nexport:     {run_dir / 'export'}\n"
         f"summary:    {run_dir / 'demo.md'}")
   return {"table": tab, "goals": goals, "stages": clock.stages, "diagnosis": diag,

@@ -26,14 +26,8 @@ import numpy as np
 from flax import nnx
 
 from ease_jax import sharding
-from ease_jax.generation.generate import (
-  Generation,
-  Generator,
-  SamplingConfig,
-  _causal_mask,
-  _forward,
-  _sample,
-)
+from ease_jax.generation import decode
+from ease_jax.generation.generate import Generation, Generator, SamplingConfig
 from ease_jax.models.layers import dtype_of
 
 
@@ -48,12 +42,13 @@ def _prefill(model, c, tokens_NxT, lengths_N, rows_N, n_real, sample, P: int, M:
   q_P = jnp.minimum(c["next"] + j_P, N - 1)
   target_P = jnp.where(ok_P, jnp.argsort(~free_B, stable=True)[:P], B)  # B: dropped
   toks, len_P = tokens_NxT[q_P], lengths_N[q_P]
-  mask = _causal_mask(jnp.arange(T)[None, :] < len_P[:, None], 0, T)
+  mask = decode.causal_mask(jnp.arange(T)[None, :] < len_P[:, None], 0, T)
   positions = jnp.broadcast_to(jnp.arange(T), (P, T))
   cfg = model.cfg
   dtype, L, K, H = dtype_of(cfg.compute_dtype), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-  logits, kk, vv = _forward(model, toks, positions, 0, mask, (jnp.zeros((P, K, H, T), dtype),) * L,
-                            (jnp.zeros((P, K, T, H), dtype),) * L, last_B=len_P - 1)
+  logits, kk, vv = decode.forward(model, toks, positions, 0, mask,
+                                  (jnp.zeros((P, K, H, T), dtype),) * L,
+                                  (jnp.zeros((P, K, T, H), dtype),) * L, last_B=len_P - 1)
   tok_P = sample(logits, rows_N[q_P], 0)
   stop_P = jnp.isin(tok_P, stop_ids)
   fin_P = stop_P | (M == 1)
@@ -78,8 +73,8 @@ def _decode(model, c, rows_N, sample, M: int, stop_ids):
   S = c["k"][0].shape[-1]
   col_B = jnp.where(active_B, c["slot_len"] + c["slot_t"] - 1, 0)
   mask = jnp.arange(S)[None, None, :] <= col_B[:, None, None]
-  logits, k, v = _forward(model, c["slot_tok"][:, None], col_B[:, None], col_B, mask, c["k"],
-                          c["v"])
+  logits, k, v = decode.forward(model, c["slot_tok"][:, None], col_B[:, None], col_B, mask,
+                                c["k"], c["v"])
   row_B = jnp.where(active_B, c["slot_row"], 0)
   tok_B = sample(logits, rows_N[row_B], c["slot_t"])
   r_B = jnp.where(active_B, c["slot_row"], N)
@@ -108,7 +103,7 @@ def _run_queue(graphdef, state, tokens_NxT, lengths_N, rows_N, n_real, stop_ids,
   zeros_v = sharding.constrain(jnp.zeros((B, K, S, H), dtype), cache_axes)
 
   def sample(logits, rows, step):
-    return _sample(logits, seed, rows, step, temperature, top_p, greedy)
+    return decode.sample(logits, seed, rows, step, temperature, top_p, greedy)
 
   c = dict(next=jnp.int32(0), slot_row=jnp.full((B,), -1, jnp.int32),
            slot_t=jnp.zeros((B,), jnp.int32), slot_tok=jnp.zeros((B,), jnp.int32),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ease_jax.console import progress
 from ease_jax.distributed import is_primary
 from ease_jax.errors import UserError
 
@@ -185,8 +185,9 @@ def response_line(rid: str, prompt: str, category: str, g: Any) -> str:
 
 
 def _log(message: str) -> None:
+  """Progress of a generation job, once (process 0), on stderr."""
   if is_primary():
-    print(message, file=sys.stderr, flush=True)
+    progress(message, __name__)
 
 
 def share_from_primary(data: bytes) -> bytes:

@@ -29,6 +29,7 @@ import numpy as np
 
 from ease_jax import config as C
 from ease_jax.config import SourceConfig
+from ease_jax.config_io import read_yaml
 from ease_jax.data.benchmarks import EVAL_ADAPTERS
 from ease_jax.data.records import ADAPTERS
 from ease_jax.errors import ConfigError, UserError
@@ -94,7 +95,7 @@ class Suite:
 def load_suite(path: str | Path) -> Suite:
   """Reads and checks a suite YAML (errors name the file and the key)."""
   try:
-    suite = C._build(Suite, C.read_yaml(path))  # the config module's checked builder
+    suite = C._build(Suite, read_yaml(path))  # the config module's checked builder
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   if not suite.benchmarks:

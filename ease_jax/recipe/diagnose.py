@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -27,9 +26,17 @@ from dataclasses import dataclass
 
 from ease_jax import sharding
 from ease_jax.config import MeshConfig, SourceConfig
+from ease_jax.console import progress
 from ease_jax.data.benchmarks import EVAL_ADAPTERS, detect_benchmark, load_eval_prompts
 from ease_jax.data.readers import read_rows, write_jsonl  # noqa: F401  (stages write with it)
-from ease_jax.data.records import ADAPTERS, ROLES, _str, meta_str, wildjailbreak_prompt
+from ease_jax.data.records import (
+  ADAPTERS,
+  _str,
+  adapt_rows,
+  meta_str,
+  parse_messages,
+  wildjailbreak_prompt,
+)
 from ease_jax.distributed import is_primary
 from ease_jax.errors import DataError, UserError
 from ease_jax.generation import files as F
@@ -65,25 +72,16 @@ def normalize(text: str) -> str:
 
 
 def log(msg: str) -> None:
-  """Progress output (stderr, so stdout stays for results)."""
-  print(msg, file=sys.stderr, flush=True)
+  """Progress output of the phase-2 stages (stderr, so stdout stays for results)."""
+  progress(msg, __name__)
 
 
 # ---------------------------------------------------------------- readers
 
 def _messages(row: dict) -> tuple[tuple[str, str], ...]:
-  """`messages` (ending with a user turn) or `prompt`, validated like records.py does."""
+  """`messages` (ending with a user turn) or `prompt`, validated by records.py's reader."""
   if "messages" in row and "prompt" not in row:
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs:
-      raise DataError("expected a non-empty list of {role, content}", field="messages")
-    pairs = []
-    for i, m in enumerate(msgs):
-      if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"),
-                                                                                  str):
-        raise DataError(f"message {i} must be {{role: {'|'.join(ROLES)}, content: string}}",
-                        field=f"messages[{i}]")
-      pairs.append((m["role"], m["content"].strip()))
+    pairs = parse_messages(row["messages"])
     if pairs[-1][0] == "assistant":
       pairs.pop()  # a full conversation: answer its last user turn again
     if not pairs or pairs[-1][0] not in ("user", "tool"):
@@ -130,27 +128,24 @@ def read_prompts(path: str, adapter: str = "prompts", keep: tuple[str, ...] = ()
   if adapter and adapter not in ADAPTERS:
     raise UserError(f"unknown adapter {adapter!r}; expected auto, prompts or one of "
                     f"{', '.join((*ADAPTERS, *EVAL_ADAPTERS))}")
-  out = []
-  for loc, row in read_rows(SourceConfig(adapter=adapter or "prompt_response", path=path)):
-    if max_rows and len(out) >= max_rows:
-      break
-    try:
-      if isinstance(row, DataError):
-        raise row
-      if adapter.startswith("wildjailbreak"):  # the diagnosis pool: prompts, answers unused
-        prompt, category = wildjailbreak_prompt(row)
-        messages, extra = (("user", prompt),), {}
-      elif adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
-        rec = ADAPTERS[adapter](row, "reasoning" if _has_think(row) else "direct")
-        messages, extra, category = rec.messages, {}, rec.category
-      else:
-        messages, extra = _plain_prompt(row, keep)
-        category = meta_str(row, "category")
-      rid = row.get("id")
-      out.append(Prompt(messages, "" if rid is None else str(rid), category, str(loc),
-                        tuple(extra.items())))
-    except DataError as e:
-      raise loc.error(e) from None
+
+  def adapt(row: dict, meta: dict[str, str]) -> Prompt:
+    if adapter.startswith("wildjailbreak"):  # the diagnosis pool: prompts, answers unused
+      prompt, category = wildjailbreak_prompt(row)
+      messages, extra = (("user", prompt),), {}
+    elif adapter:  # target "direct" only to satisfy the Record rules; the answer is unused
+      rec = ADAPTERS[adapter](row, "reasoning" if _has_think(row) else "direct")
+      messages, extra, category = rec.messages, {}, rec.category
+    else:
+      messages, extra = _plain_prompt(row, keep)
+      category = meta_str(row, "category")
+    return Prompt(messages, meta["id"], category, meta["where"], tuple(extra.items()))
+
+  def on_bad(row: object, error: DataError) -> None:
+    raise error
+
+  src = SourceConfig(adapter=adapter or "prompt_response", path=path, max_rows=max_rows)
+  out, _ = adapt_rows(src, adapt, on_bad)
   if not out:
     raise DataError("no prompts: the file is empty", path=path)
   return out

@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 import yaml
 
 from ease_jax.config import SourceConfig
-from ease_jax.data.readers import read_rows
-from ease_jax.data.records import ADAPTERS, Record, load_records, make_record
+from ease_jax.data.records import (
+  ADAPTERS,
+  Record,
+  adapt_rows,
+  load_records,
+  make_record,
+)
 from ease_jax.errors import DataError, UserError
 from ease_jax.recipe.diagnose import Prompt, normalize, prompt_fields, write_jsonl
 
@@ -73,35 +78,36 @@ def load_targets(path: str, adapter: str, target: str, drop_reasoning: bool = Fa
   Rows cut off by max_new_tokens (`stopped: false`) are left out and counted in every set."""
   if adapter not in ADAPTERS:
     raise UserError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
-  fn, name = ADAPTERS[adapter], os.path.splitext(os.path.basename(path))[0]
+  fn = ADAPTERS[adapter]
   issues = issues if issues is not None else Issues()
-  out, dropped = [], 0
-  for loc, row in read_rows(SourceConfig(adapter=adapter, path=path)):
-    try:
-      if isinstance(row, DataError):
-        raise row
-      rid = row.get("id")
-      meta = {"source": name, "where": str(loc), "id": "" if rid is None else str(rid)}
-      if row.get("stopped") is False:
-        issues.truncated[target] = issues.truncated.get(target, 0) + 1
-        if target != "reasoning":
-          issues.notes.append(f"{loc}: left out: cut off by max_new_tokens (stopped=false)")
-          continue
-      check_finished(row)
-      try:
-        out.append(fn(row, target, **meta))
-      except DataError as e:
-        if target == "reasoning" or e.field != "reasoning" or not drop_reasoning:
-          raise
-        rec = fn(row, "reasoning", **meta)  # the same row, its think text then dropped
-        out.append(dataclasses.replace(rec, reasoning=None, target_type=target))
-        dropped += 1
-    except DataError as e:
+  dropped = 0
+
+  def adapt(row: dict, meta: dict[str, str]) -> Record | None:
+    nonlocal dropped
+    if row.get("stopped") is False:
+      issues.truncated[target] = issues.truncated.get(target, 0) + 1
       if target != "reasoning":
-        hint = ("; pass --drop_reasoning to keep only the answer" if e.field == "reasoning"
-                else "")
-        raise DataError(f"{loc.error(e)}{hint}") from None
-      issues.bad_trace(row, loc.error(e))
+        issues.notes.append(f"{meta['where']}: left out: cut off by max_new_tokens "
+                            "(stopped=false)")
+        return None
+    check_finished(row)
+    try:
+      return fn(row, target, **meta)
+    except DataError as e:
+      if target == "reasoning" or e.field != "reasoning" or not drop_reasoning:
+        raise
+      rec = fn(row, "reasoning", **meta)  # the same row, its think text then dropped
+      dropped += 1
+      return dataclasses.replace(rec, reasoning=None, target_type=target)
+
+  def on_bad(row: object, error: DataError) -> None:
+    if target != "reasoning":
+      hint = ("; pass --drop_reasoning to keep only the answer" if error.field == "reasoning"
+              else "")
+      raise DataError(f"{error}{hint}")
+    issues.bad_trace(row, error)
+
+  out, _ = adapt_rows(SourceConfig(adapter=adapter, path=path), adapt, on_bad)
   if dropped:
     issues.notes.append(f"{path}: dropped the think text of {dropped} {target} rows")
   return out
