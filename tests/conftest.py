@@ -1,11 +1,19 @@
-"""Shared test helpers: fake-device subprocesses and tiny HF reference models."""
+"""Shared test helpers: fake-device subprocesses and tiny HF reference models; what runs.
+
+`python -m pytest` runs the fast part of the suite. Tests marked `slow` (several processes,
+kills and restarts, the real SmolLM2 model) and `bench` (benchmark smoke tests) are deselected
+from that default run; `--full` runs them too (CI runs `python -m pytest --full`), and so does
+naming files or tests (`python -m pytest tests/test_multihost_faults.py`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -16,6 +24,51 @@ from xla_env import set_for_this_process, xla_flags
 set_for_this_process()  # before any test module imports jax
 
 REPO = Path(__file__).resolve().parents[1]
+LONG = ("slow", "bench")  # the markers `--full` adds to the run
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+  parser.addoption("--full", action="store_true",
+                   help="also run the tests marked slow (multi-process, kill and restart, the "
+                        "real model) and bench (benchmark smoke tests): the whole suite, as CI")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  for name, what in (("slow", "several processes, kills and restarts, or the real model"),
+                     ("bench", "a benchmark script's smoke test")):
+    config.addinivalue_line("markers", f"{name}: {what}; runs with --full")
+  _share_compilations(config)
+
+
+def _share_compilations(config: pytest.Config) -> None:
+  """One persistent XLA compilation cache for the whole run: the pytest workers and every
+  process a test starts (they inherit the environment), so a program compiled once (the demo
+  model's train step, say, in a run and again in its restarts) is loaded, not recompiled. Only
+  programs that took at least 0.5 s to compile are stored: storing the many tiny ones (eager
+  ops) cost more than it saved (tests/test_model.py took twice as long with every program
+  stored; tests/test_loop.py 69 s instead of 88 s with this bound). The process that made the
+  directory removes it at the end; a JAX_COMPILATION_CACHE_DIR set by the caller is used as is
+  and kept. The size bound turns on JAX's file lock, which the two workers need to read and
+  write the directory safely at the same time."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  path = tempfile.mkdtemp(prefix="ease-jax-test-xla-cache-")
+  config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  """In the default run (no --full, no paths named), deselects the long tests: not skips, so
+  pytest reports them as deselected and the summary says how many."""
+  if config.getoption("--full") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+    return
+  long = [i for i in items if any(i.get_closest_marker(m) for m in LONG)]
+  if long:
+    config.hook.pytest_deselected(items=long)
+    keep = set(map(id, items)) - set(map(id, long))
+    items[:] = [i for i in items if id(i) in keep]
 
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 600, env: dict | None = None) -> str:

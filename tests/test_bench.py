@@ -21,6 +21,8 @@ import accelerator  # noqa: E402
 import common  # noqa: E402
 import train_vs_reference as tvr  # noqa: E402
 
+pytestmark = pytest.mark.bench  # the benchmark scripts' smoke tests: runs with --full
+
 sys.path[:] = _PATH  # so tools/bench/data.py cannot shadow anything for the other tests
 
 

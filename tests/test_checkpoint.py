@@ -134,6 +134,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(fake_devices, tmp_path):
   out = fake_devices(MESH_CHANGE.format(run_dir=tmp_path / "run"))
   assert out.strip().endswith("ok"), out

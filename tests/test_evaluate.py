@@ -105,6 +105,7 @@ def test_missing_class_label_names_the_line(tmp_path):
     E.read_eval_file(str(path))
 
 
+@pytest.mark.slow
 def test_short_demo_runs_end_to_end(tmp_path):
   """The no-argument demo at a few steps: the original student, both phases, the diagnosis, the
   teacher and the mix, the three-model comparison per split, export, summary."""
@@ -128,6 +129,7 @@ def test_short_demo_runs_end_to_end(tmp_path):
   assert "Goals (EASE, in_distribution split)" in proc.stdout and "vulnerable region" in proc.stdout
 
 
+@pytest.mark.slow
 def test_in_training_behavior_eval_matches_the_checkpoint_evaluation(tmp_path):
   """behavior.file inside training logs the same per-class numbers that evaluating the
   saved checkpoint gives, to metrics.jsonl and RUN_DIR/behavior/<step>/report.json."""

@@ -99,6 +99,7 @@ def trained_run(tmp_path_factory):
   return run_dir
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_exports_with_parity_and_same_chat_ids(trained_run, tmp_path):
   out = tmp_path / "export"
   proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(trained_run),

@@ -200,6 +200,7 @@ def _tiny_model(vocab: int):
   return Decoder(cfg, rngs=nnx.Rngs(0)), cfg
 
 
+@pytest.mark.slow
 def test_sharded_on_8_devices_matches_one_device(fake_devices):
   out = fake_devices("""
     import json, numpy as np, jax

@@ -22,6 +22,8 @@ from ease_jax.tokenizer import load_tokenizer
 from tests.conftest import REPO
 from tests.xla_env import xla_flags
 
+pytestmark = pytest.mark.slow  # two processes, and killed generation jobs: runs with --full
+
 GREEDY = ["--max_new_tokens", "10"]
 SAMPLED = ["--max_new_tokens", "10", "--temperature", "0.9", "--top_p", "0.95", "--seed", "5"]
 BASE = {"greedy": GREEDY, "sampled": SAMPLED}

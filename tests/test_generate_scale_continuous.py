@@ -75,6 +75,7 @@ def test_a_row_alone_equals_the_row_among_others():
   assert _ids(reordered) != _ids(together[::-1])  # row indices pick the random streams
 
 
+@pytest.mark.slow
 def test_sharded_on_8_devices_matches_one_device(fake_devices):
   out = fake_devices(f"""
     import json
@@ -96,6 +97,7 @@ def test_sharded_on_8_devices_matches_one_device(fake_devices):
   assert res["one"] == res["mesh"]
 
 
+@pytest.mark.bench
 def test_roofline_bench_runs_on_cpu():
   """tools/bench/generate.py --roofline (the accelerator command) at the tiny preset."""
   import importlib.util

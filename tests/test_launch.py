@@ -31,19 +31,14 @@ def run(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
   return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("train.batch_size=-4", "train.batch_size"),
-    ("model.init_from=scratch:huge", "unknown model preset"),
-    ("model.attention=cudnn", "model.attention=cudnn needs NVIDIA GPUs"),
-    ("model.attention=splash", "model.attention=splash needs TPUs"),
-])
-def test_bad_override_exits_2_with_one_line_error(override, words, tmp_path):
-  proc = run([*TRAIN, override, f"run_dir={tmp_path}"])
+def test_bad_override_exits_2_with_one_line_error(tmp_path):
+  """The real process: exit 2, one `error:` line, no traceback (the other config errors run
+  through the same main in-process: tests/test_reliability.py)."""
+  proc = run([*TRAIN, "model.attention=cudnn", f"run_dir={tmp_path}"])
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
-  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert "model.attention=cudnn needs NVIDIA GPUs" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_incomplete_distributed_flags_are_a_user_error(tmp_path):
@@ -106,6 +101,7 @@ class _Zip:
       it.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
   procs = [subprocess.Popen(
       [*TRAIN, "--coordinator", f"127.0.0.1:{free_port}", "--num_processes", "2", "--process_id",

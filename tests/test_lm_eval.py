@@ -24,6 +24,8 @@ from ease_jax.tokenizer import load_tokenizer
 from tests.conftest import REPO
 from tests.hf_models import make_hf_model
 
+pytestmark = pytest.mark.slow  # lm-eval and torch: runs with --full
+
 REL = 2e-5  # |ours - hf| <= REL * max(1, |hf|) for every log-likelihood (float32 on both)
 MAX_LENGTH = 48  # small, so rolling log-likelihoods take several windows
 
@@ -219,6 +221,7 @@ def test_bad_model_args_are_user_errors(setup):
     ej_lm_eval.EaseJaxLM(pretrained=model_dir, batch_size="auto")
 
 
+@pytest.mark.slow
 def test_command_line_runs_a_local_task(setup):
   model_dir, include = setup
   env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
@@ -277,6 +280,7 @@ def test_a_training_run_at_a_step_scores_as_its_export(setup, lms, tmp_path):
     assert abs(a - b) <= REL * max(1.0, abs(a)) and greedy_a == greedy_b  # other batch shapes
 
 
+@pytest.mark.slow
 def test_data_parallel_and_sharded_meshes_give_the_same_results(setup, lms, fake_devices):
   """Two fake CPU devices: batch rows split over them, then parameters sharded (fsdp)."""
   from lm_eval.api.instance import Instance

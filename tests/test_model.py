@@ -81,6 +81,7 @@ def test_bad_head_ratio_is_rejected():
     CFG.replace(num_heads=5, num_kv_heads=2)
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(fake_devices):
   """The same forward with parameters sharded over 8 fake CPU devices gives the same logits."""
   out = fake_devices("""

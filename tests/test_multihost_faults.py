@@ -20,9 +20,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.test_reliability import RUN, WRAPPER, logged_steps
 from xla_env import xla_flags
+
+pytestmark = pytest.mark.slow  # two processes, killed and restarted: runs with --full
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FLAGS = [*RUN, "train.steps_per_call=1",
@@ -36,13 +39,11 @@ def _port() -> int:
     return sock.getsockname()[1]
 
 
-def start_pair(run_dir: Path, tmp: Path, slow_step: float = 0.4) -> list[subprocess.Popen]:
+def start_pair(run_dir: Path, slow_step: float = 0.4) -> list[subprocess.Popen]:
   """Both processes of one run (the test wrapper: each step waits `slow_step` s)."""
   port = _port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(1),
-             SLOW_STEP=str(slow_step), SLOW_COMMIT="0",
-             JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             SLOW_STEP=str(slow_step), SLOW_COMMIT="0")
   return [subprocess.Popen(
       [sys.executable, "-c", WRAPPER, *RUN_FLAGS, f"run_dir={run_dir}", "--coordinator",
        f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
@@ -76,11 +77,11 @@ def wait_for_step(procs: list[subprocess.Popen], run_dir: Path, after: int,
 
 def test_losing_one_of_two_processes_then_restarting_both(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
-  results = wait_all(start_pair(ref, tmp_path, slow_step=0))
+  results = wait_all(start_pair(ref, slow_step=0))
   assert [c for c, _ in results] == [0, 0], "\n".join(o[-2000:] for _, o in results)
 
   # 1. SIGTERM to process 1 only: both save the same step and exit 143.
-  procs = start_pair(run, tmp_path)
+  procs = start_pair(run)
   wait_for_step(procs, run, 0)
   procs[1].send_signal(signal.SIGTERM)
   (c0, o0), (c1, o1) = wait_all(procs)
@@ -90,7 +91,7 @@ def test_losing_one_of_two_processes_then_restarting_both(tmp_path):
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
   # 2. SIGKILL of process 1 after the restart took a step: process 0 stops within BOUND_S.
-  procs = start_pair(run, tmp_path)
+  procs = start_pair(run)
   wait_for_step(procs, run, stopped)
   procs[1].kill()
   killed_at = time.time()
@@ -104,7 +105,7 @@ def test_losing_one_of_two_processes_then_restarting_both(tmp_path):
     assert c0 == -signal.SIGABRT and "another task died" in o0, (c0, o0[-3000:])
 
   # 3. Both again, to the end: the same parameters as the uninterrupted run.
-  results = wait_all(start_pair(run, tmp_path, slow_step=0))
+  results = wait_all(start_pair(run, slow_step=0))
   assert [c for c, _ in results] == [0, 0], "\n".join(o[-2000:] for _, o in results)
   for a, b in zip(final_params(ref), final_params(run), strict=True):
     np.testing.assert_array_equal(a, b)

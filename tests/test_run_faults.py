@@ -166,12 +166,14 @@ def _assert_disk_full_error(proc: subprocess.CompletedProcess, run_dir: Path) ->
   assert "checkpoint saved" not in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path):
   """The writer raises ENOSPC: one line, exit 2, and "checkpoint saved" never printed."""
   proc = launch(*TINY, f"run_dir={tmp_path}", code=ENOSPC_WRAPPER)
   _assert_disk_full_error(proc, tmp_path)
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_file_system(tmp_path):
   """A 3 MB tmpfs (root only; elsewhere the injected test above covers it)."""
   mount = tmp_path / "small"
@@ -188,6 +190,7 @@ def test_disk_full_on_a_real_small_file_system(tmp_path):
 
 # ---------------------------------------------------------------- damaged checkpoints
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_prints_no_library_tracebacks(tmp_path):
   """Unreadable OCDBT manifests: tensorstore's late callbacks into orbax's closed event loop
   printed "Event loop is closed" tracebacks around the one useful line (hundreds on a

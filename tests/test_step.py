@@ -208,8 +208,9 @@ def test_tail_buckets_default_resolves_by_backend(monkeypatch):
   assert tail_lib.resolve_buckets(-1) == 0 and tail_lib.resolve_buckets(8) == 8
 
 
-@pytest.mark.parametrize("T,accum,trainable", [(16, 1, ".*"), (21, 2, ".*"),
-                                               (16, 1, r"layers\.0|^embed")])
+@pytest.mark.parametrize("T,accum,trainable", [
+    (16, 1, ".*"), pytest.param(21, 2, ".*", marks=pytest.mark.slow),
+    pytest.param(16, 1, r"layers\.0|^embed", marks=pytest.mark.slow)])
 def test_tail_on_loss_positions_equals_every_position(T, accum, trainable, monkeypatch):
   """train.tail_buckets > 0 (the tail on positions with loss only, its gradient taken in the
   forward) and train.loss_chunk > 0 (the tail in pieces, alone or inside a bucket) give the
@@ -323,6 +324,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(one_device_run, fake_devices):
   want = np.array(one_device_run["metrics"])
   got = json.loads(fake_devices(SHARDED).strip().splitlines()[-1])
@@ -368,6 +370,7 @@ print(json.dumps({{"processes": jax.process_count(), "metrics": out}}))
 """
 
 
+@pytest.mark.slow
 def test_splash_attention_step_on_two_processes(one_device_run, free_port):
   """The splash step on a mesh that spans two processes (2 fake devices each, gloo
   collectives), as on a multi-host TPU slice = the xla step on one device."""

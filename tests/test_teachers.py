@@ -133,6 +133,7 @@ def _answer_only_teachers(tmp_path: Path) -> tuple[list[str], Path]:
   return specs, eval_file
 
 
+@pytest.mark.slow
 def test_select_teacher_picks_the_better_teacher(tmp_path):
   """The tool end to end on two teachers: the one that refuses harmful prompts wins.
 
