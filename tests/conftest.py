@@ -1,9 +1,10 @@
 """Shared test helpers: fake-device subprocesses and tiny HF reference models; what runs.
 
-`python -m pytest` runs the fast part of the suite. Tests marked `slow` (several processes,
-kills and restarts, the real SmolLM2 model) and `bench` (benchmark smoke tests) are deselected
-from that default run; `--full` runs them too (CI runs `python -m pytest --full`), and so does
-naming files or tests (`python -m pytest tests/test_multihost_faults.py`).
+`python -m pytest` runs the fast part of the suite: the tests that stay in the pytest process.
+Tests marked `slow` (they start other processes: command lines, two-process runs, kills and
+restarts, fake devices; or load the real SmolLM2 model) and `bench` (benchmark smoke tests)
+are deselected from that default run; `--full` runs them too (CI runs `python -m pytest
+--full`), and so does naming files or tests (`python -m pytest tests/test_multihost_faults.py`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ LONG = ("slow", "bench")  # the markers `--full` adds to the run
 
 def pytest_addoption(parser: pytest.Parser) -> None:
   parser.addoption("--full", action="store_true",
-                   help="also run the tests marked slow (multi-process, kill and restart, the "
-                        "real model) and bench (benchmark smoke tests): the whole suite, as CI")
+                   help="also run the tests marked slow (they start other processes, or load "
+                        "the real model) and bench (benchmark smoke tests): the whole suite, as CI")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-  for name, what in (("slow", "several processes, kills and restarts, or the real model"),
+  for name, what in (("slow", "starts other processes, or loads the real model"),
                      ("bench", "a benchmark script's smoke test")):
     config.addinivalue_line("markers", f"{name}: {what}; runs with --full")
   _share_compilations(config)
@@ -94,3 +95,18 @@ def free_port() -> int:
 def fake_devices():
   """The `run_with_devices` helper, as a fixture."""
   return run_with_devices
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch) -> None:
+  """Keeps the default run in-process: a test that starts another process (a command line,
+  a second JAX process, fake devices) fails here unless it is marked slow or bench."""
+  if any(request.node.get_closest_marker(m) for m in LONG):
+    return
+
+  def refuse(self, *args, **kwargs):
+    cmd = args[0] if args else kwargs.get("args")
+    raise AssertionError(f"{request.node.nodeid} starts a process ({str(cmd)[:80]}): mark it "
+                         "@pytest.mark.slow (the default run stays in-process)")
+
+  monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

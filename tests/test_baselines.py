@@ -73,6 +73,7 @@ def test_bad_inputs(source, tmp_path):
     B.read_traces(str(bad))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", B.KINDS)
 def test_shipped_demo_baseline_data_is_what_the_tool_writes(kind, tmp_path):
   """data/baselines/demo/<kind> is tools/make_baselines.py's output for configs/demo.yaml, and

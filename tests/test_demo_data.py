@@ -157,6 +157,7 @@ def test_held_out_banks_never_reach_training(data, training):
   assert sum(" ".join(_words(w)) in evals for w in (wrappers[w] for w in B.HELD_WRAPPERS)) == 4
 
 
+@pytest.mark.slow
 def test_tokenizer_is_fit_without_eval_text(data, tmp_path):
   """tools/make_tokenizer.py's corpus holds no eval prompt, and the committed tokenizer is what
   that corpus gives."""
@@ -210,6 +211,7 @@ def test_total_size_is_small():
   assert total < 1_300_000
 
 
+@pytest.mark.slow
 def test_regeneration_is_byte_identical(tmp_path):
   env = dict(os.environ, PYTHONHASHSEED="999")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"),

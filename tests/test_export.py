@@ -132,6 +132,7 @@ def test_trained_checkpoint_exports_with_parity_and_same_chat_ids(trained_run, t
   assert config["vocab_size"] >= len(exported) and config["architectures"] == ["Qwen2ForCausalLM"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(trained_run, tmp_path):
   proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(trained_run),
                          "--out", str(trained_run)], cwd=REPO, capture_output=True, text=True)

@@ -78,6 +78,7 @@ def _refused(proc, *words):
     assert w in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_overwrite_never_deletes_the_run_its_parent_or_the_cwd(run, tmp_path):
   before = _snapshot(run.parent)
   _refused(_export("--checkpoint", run, "--out", run, "--overwrite", subprocess_run=True),
@@ -95,6 +96,7 @@ def test_overwrite_never_deletes_the_run_its_parent_or_the_cwd(run, tmp_path):
   assert _snapshot(run.parent) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_previous_export_only_while_it_holds_nothing_else(run, tmp_path):
   out = tmp_path / "E"
   assert _export("--checkpoint", run, "--out", out).returncode == 0
@@ -112,12 +114,14 @@ def test_overwrite_replaces_a_previous_export_only_while_it_holds_nothing_else(r
   assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_step_given_twice_must_agree(run, tmp_path):
   _refused(_export("--checkpoint", f"{run}@1", "--step", "2", "--out", tmp_path / "x"),
            "names step 1 but --step is 2")
   assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file_or_under_a_file(run, tmp_path):
   f = tmp_path / "model.bin"
   f.write_bytes(b"data")
@@ -144,6 +148,7 @@ def _read_only(directory):
     subprocess.run(["chattr", "-i", str(directory)], check=True)
 
 
+@pytest.mark.slow
 def test_read_only_destination_is_one_line(run, tmp_path):
   ro = tmp_path / "ro"
   ro.mkdir()
@@ -183,6 +188,7 @@ os.kill(os.getpid(), 9)
 """
 
 
+@pytest.mark.slow
 def test_partials_of_killed_exports_are_cleaned_by_the_next_export(tiny, tmp_path):
   model, cfg = tiny
   out = tmp_path / "E"

@@ -270,6 +270,7 @@ def test_generate_tool_end_to_end(tmp_path, capsys):
   assert "4/4 prompts" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_tool_errors_exit_2_without_traceback(tmp_path):
   import subprocess
   import sys

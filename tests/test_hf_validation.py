@@ -181,6 +181,7 @@ except UserError as e:
 """
 
 
+@pytest.mark.slow
 def test_hundred_million_layers_fail_in_bounded_time_and_memory(model_dir, tmp_path):
   """The config that once ran 390 s and took 23.4 GB: refused in a fresh process, quickly."""
   path = _copy(model_dir, tmp_path, _set(num_hidden_layers=100_000_000))
@@ -193,6 +194,7 @@ def test_hundred_million_layers_fail_in_bounded_time_and_memory(model_dir, tmp_p
   assert result["maxrss_kb"] < 2 * 1024**2  # the whole process, interpreter and jax included
 
 
+@pytest.mark.slow
 def test_init_from_hf_with_a_huge_config_is_exit_2_before_training(model_dir, tmp_path):
   """The issue's reproduction: `model.init_from=hf:DIR` through launch/train.py."""
   path = _copy(model_dir, tmp_path, _set(num_hidden_layers=100_000_000))

@@ -31,6 +31,7 @@ def run(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
   return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_bad_override_exits_2_with_one_line_error(tmp_path):
   """The real process: exit 2, one `error:` line, no traceback (the other config errors run
   through the same main in-process: tests/test_reliability.py)."""
@@ -41,6 +42,7 @@ def test_bad_override_exits_2_with_one_line_error(tmp_path):
   assert "model.attention=cudnn needs NVIDIA GPUs" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_incomplete_distributed_flags_are_a_user_error(tmp_path):
   proc = run([*TRAIN, "--num_processes", "2", f"run_dir={tmp_path}"])
   assert proc.returncode == 2 and "--coordinator" in proc.stderr, proc.stderr[-2000:]
@@ -144,6 +146,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch, free_port):
   assert untimed(multi_report["classes"]) == untimed(one_report["classes"])
 
 
+@pytest.mark.slow
 def test_tpu_vm_script_runs_the_command_on_all_workers(tmp_path):
   fake = tmp_path / "gcloud"
   fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n")

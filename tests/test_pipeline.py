@@ -167,6 +167,7 @@ def test_prefetch_thread_changes_nothing_delivered(tok, sources, prefetch):
   assert pipe.stats.batches == 7  # counted when delivered
 
 
+@pytest.mark.slow
 def test_an_iterator_left_open_exits_cleanly(tmp_path):
   """A script that keeps a half-read iterator (its prefetch thread busy) until exit ends with
   status 0 and nothing on stderr: grain's own cleanup fails during interpreter teardown, and a

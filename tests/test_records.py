@@ -136,6 +136,7 @@ def test_skip_counts_bad_rows_and_keeps_the_good(name, adapter):
   assert len(recs) == 1 and bad.count == 1 and name in bad.reasons[0]
 
 
+@pytest.mark.slow
 def test_inspect_cli_reports_bad_file_without_traceback(tmp_path):
   cfg = tmp_path / "c.yaml"
   cfg.write_text(f"data:\n  train:\n    - {{adapter: prompt_response, path: {BAD / 'wrong_type.jsonl'}}}\n")

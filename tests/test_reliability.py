@@ -405,6 +405,7 @@ def test_config_errors_are_one_line_with_the_key_and_no_traceback(args, words, i
     assert w in lines[0], (w, lines[0])
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_the_mesh_names_the_fix(tmp_path):
   proc = _launch("--config", "configs/demo.yaml", f"run_dir={tmp_path}", "train.batch_size=6",
                  devices=4)
@@ -412,6 +413,7 @@ def test_batch_that_does_not_divide_the_mesh_names_the_fix(tmp_path):
   assert "train.batch_size=6" in proc.stderr and "multiple of 4" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_unsafe_yaml_config_is_refused_without_running_it(tmp_path):
   marker = tmp_path / "pwned"
   cfg = tmp_path / "evil.yaml"

@@ -243,6 +243,7 @@ print(json.dumps({"seconds": seconds, "render_seconds": render_seconds, "overlon
 """
 
 
+@pytest.mark.slow
 def test_a_40mb_row_is_rejected_without_tokenizing_it(tmp_path):
   """Before: 121 s and 14 GB to find it overlong. Now its characters alone decide it."""
   path = write_jsonl(tmp_path / "huge.jsonl",

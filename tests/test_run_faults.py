@@ -76,6 +76,7 @@ def test_second_lock_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
   again.release()
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
   holder = hold_lock(tmp_path)
   holder.send_signal(signal.SIGKILL)
@@ -86,6 +87,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
   lock.release()
 
 
+@pytest.mark.slow
 def test_train_on_a_locked_run_dir_stops_before_touching_it(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
   holder = hold_lock(tmp_path)
@@ -98,6 +100,7 @@ def test_train_on_a_locked_run_dir_stops_before_touching_it(tmp_path, monkeypatc
     holder.wait()
 
 
+@pytest.mark.slow
 def test_second_launch_on_a_run_dir_in_use_exits_2(tmp_path):
   holder = hold_lock(tmp_path / "run")
   try:
@@ -111,6 +114,7 @@ def test_second_launch_on_a_run_dir_in_use_exits_2(tmp_path):
 
 # ---------------------------------------------------------------- paths that cannot work
 
+@pytest.mark.slow
 def test_read_only_run_dir_is_one_line(tmp_path):
   """chmod does not stop root: as root the run_dir is on a read-only tmpfs instead."""
   ro = tmp_path / "ro"
@@ -132,6 +136,7 @@ def test_read_only_run_dir_is_one_line(tmp_path):
   assert "Read-only file system" in line or "Permission denied" in line, line
 
 
+@pytest.mark.slow
 def test_fifo_as_data_path_is_refused_not_read(tmp_path):
   fifo = tmp_path / "rows.jsonl"
   os.mkfifo(fifo)
@@ -140,6 +145,7 @@ def test_fifo_as_data_path_is_refused_not_read(tmp_path):
   one_error_line(proc, str(fifo), "not a regular file")
 
 
+@pytest.mark.slow
 def test_broken_chat_template_is_one_line(tmp_path):
   template = tmp_path / "chat.jinja"
   template.write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")

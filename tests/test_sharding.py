@@ -22,6 +22,7 @@ def test_bad_mesh_names_the_keys(cfg, match):
     mesh_shape(cfg, 8)
 
 
+@pytest.mark.slow
 def test_rules_replicate_what_does_not_divide(fake_devices):
   out = fake_devices("""
     from ease_jax import sharding

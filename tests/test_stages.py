@@ -171,6 +171,7 @@ def test_build_mix_ratio_shortfall_is_noted(tmp_path, files):
   assert any("asks for 10" in n for n in s["notes"])
 
 
+@pytest.mark.slow
 def test_cli_errors_exit_2_without_traceback(tmp_path, files, capsys):
   def run(name, *args):  # in a subprocess: what a user sees
     p = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *args],

@@ -347,6 +347,7 @@ print(json.dumps({name: sharded_losses(MeshConfig(**m), steps=2, attention="spla
 """
 
 
+@pytest.mark.slow
 def test_splash_attention_step_equals_xla_step(one_device_run, fake_devices):
   """`model.attention=splash` (the TPU kernel, here in Pallas' interpret mode): the train step
   (loss, gradient norm, parameter norm) in `shard_map` on a mesh that splits rows and query

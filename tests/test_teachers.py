@@ -164,6 +164,7 @@ def test_select_teacher_picks_the_better_teacher(tmp_path):
     assert report["overall"]["n"] == 9
 
 
+@pytest.mark.slow
 def test_select_teacher_cli_errors_exit_2(tmp_path):
   proc = subprocess.run([sys.executable, "tools/select_teacher.py", "--candidates",
                          "a=data/demo/eval.jsonl", f"b={tmp_path / 'missing.jsonl'}", "--eval",

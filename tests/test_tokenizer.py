@@ -65,6 +65,7 @@ def test_chat_template_tokenizes_and_round_trips(tok):
   assert ids.count(tok.convert_tokens_to_ids("<think>")) == 1
 
 
+@pytest.mark.slow
 def test_rebuild_is_byte_identical_to_committed_asset(tmp_path):
   # A fresh hash seed in a subprocess catches set/dict-order nondeterminism too.
   env = dict(os.environ, PYTHONHASHSEED="12345")

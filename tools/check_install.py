@@ -13,11 +13,13 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import pkgutil
 import shutil
 import subprocess
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,18 +74,28 @@ def is_helper_module(path: Path) -> bool:
   return "__main__" not in path.read_text()
 
 
+def _answers_help(cmd: list[str], name: str, timeout: float) -> str | None:
+  """Runs `cmd --help`; None when it exits 0, else one failure line naming `name`."""
+  proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=timeout,
+                        cwd=ROOT)
+  if proc.returncode == 0:
+    return None
+  tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+  return f"{name} --help: exit {proc.returncode}: {tail}"
+
+
+def _all_answer_help(commands: list[tuple[list[str], str]], timeout: float) -> list[str]:
+  """Runs every command's --help, as many at once as there are cores (each is a separate
+  Python that imports the package); returns the failure lines in the commands' order."""
+  with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    results = pool.map(lambda c: _answers_help(c[0], c[1], timeout), commands)
+    return [line for line in results if line is not None]
+
+
 def check_help(timeout: float = 300) -> list[str]:
   """Runs every tool with --help; returns one failure line per tool that does not exit 0."""
-  failures = []
-  for script in tool_scripts():
-    if is_helper_module(script):
-      continue
-    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-      failures.append(f"{script.relative_to(ROOT)} --help: exit {proc.returncode}: {tail}")
-  return failures
+  return _all_answer_help([([sys.executable, str(s)], str(s.relative_to(ROOT)))
+                           for s in tool_scripts() if not is_helper_module(s)], timeout)
 
 
 def console_commands() -> list[str]:
@@ -97,17 +109,14 @@ def console_commands() -> list[str]:
 
 def check_commands(timeout: float = 300) -> list[str]:
   """Runs every console command with --help; one failure line per command that fails."""
-  failures = []
+  failures, found = [], []
   for name in console_commands():
     exe = shutil.which(name)
     if exe is None:
       failures.append(f"{name}: not on PATH (is the package installed in this environment?)")
-      continue
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-      failures.append(f"{name} --help: exit {proc.returncode}: {tail}")
-  return failures
+    else:
+      found.append(([exe], name))
+  return failures + _all_answer_help(found, timeout)
 
 
 def main() -> int:
