@@ -4,7 +4,8 @@
 Tests marked `slow` (they start other processes: command lines, two-process runs, kills and
 restarts, fake devices; or load the real SmolLM2 model) and `bench` (benchmark smoke tests)
 are deselected from that default run; `--full` runs them too (CI runs `python -m pytest
---full`), and so does naming files or tests (`python -m pytest tests/test_multihost_faults.py`).
+--full`), and so does choosing tests: naming files or tests (`python -m pytest
+tests/test_multihost_faults.py`), `-k WORDS` or `-m MARKERS` (`-m slow`: only those).
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def _share_compilations(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-  """In the default run (no --full, no paths named), deselects the long tests: not skips, so
-  pytest reports them as deselected and the summary says how many."""
-  if config.getoption("--full") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+  """In the default run (no --full, no paths, no -k or -m selection), deselects the long
+  tests: not skips, so pytest reports them as deselected and the summary says how many."""
+  chosen = (config.args_source != pytest.Config.ArgsSource.TESTPATHS
+            or config.getoption("keyword") or config.getoption("markexpr"))
+  if config.getoption("--full") or chosen:
     return
   long = [i for i in items if any(i.get_closest_marker(m) for m in LONG)]
   if long:
